@@ -1,0 +1,122 @@
+"""Inverse p-th roots of symmetric positive semi-definite matrices, batched over leading dims."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .eigh import safe_eigh
+
+__all__ = [
+    "NewtonResult",
+    "RootResult",
+    "coupled_newton_inverse_root",
+    "inverse_root_from_eigh",
+    "matrix_inverse_root",
+]
+
+
+def _per_matrix(value: float | Tensor, like: Tensor) -> Tensor:
+    """Broadcast a scalar or a per-matrix ``[...]`` tensor against eigenvalues ``[..., d]``."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return t.unsqueeze(-1) if t.ndim > 0 else t
+
+
+def inverse_root_from_eigh(
+    eigenvalues: Tensor,
+    eigenvectors: Tensor,
+    exponent: float,
+    epsilon: float | Tensor,
+    *,
+    pseudo_inverse: bool = False,
+    rank_rtol: float | None = None,
+) -> Tensor:
+    """``Q diag((max(λ, 0) + ε)^(-exponent)) Qᵀ``.
+
+    Negative eigenvalues (round-off on a PSD matrix) are clamped to zero. With ``pseudo_inverse``,
+    eigenvalues below ``rank_rtol · λ_max`` are treated as an exact null space and get zero weight,
+    so ``epsilon`` may be zero.
+    """
+    lam = eigenvalues.clamp_min(0.0)
+    eps = _per_matrix(epsilon, lam)
+    scaled = (lam + eps).pow(-exponent)
+    if pseudo_inverse:
+        rtol = rank_rtol if rank_rtol is not None else lam.shape[-1] * torch.finfo(lam.dtype).eps
+        keep = lam > rtol * lam.amax(-1, keepdim=True)
+        scaled = torch.where(keep, scaled, torch.zeros_like(scaled))
+    return (eigenvectors * scaled.unsqueeze(-2)) @ eigenvectors.mT
+
+
+class RootResult(NamedTuple):
+    """Inverse root ``[..., d, d]``, ascending eigenvalues ``[..., d]`` and a failure mask ``[...]``."""
+
+    root: Tensor
+    eigenvalues: Tensor
+    failed: Tensor
+
+
+def matrix_inverse_root(
+    matrices: Tensor,
+    exponent: float,
+    epsilon: float | Tensor,
+    *,
+    pseudo_inverse: bool = False,
+    rank_rtol: float | None = None,
+) -> RootResult:
+    """Inverse root through :func:`safe_eigh`; failed matrices are flagged, not raised."""
+    values, vectors, failed = safe_eigh(matrices)
+    root = inverse_root_from_eigh(
+        values, vectors, exponent, epsilon, pseudo_inverse=pseudo_inverse, rank_rtol=rank_rtol
+    )
+    failed = failed | ~torch.isfinite(root).flatten(-2).all(-1)
+    return RootResult(root, values, failed)
+
+
+class NewtonResult(NamedTuple):
+    """Inverse root ``[..., d, d]``, final residual ``max|M - I|`` ``[...]`` and a failure mask ``[...]``."""
+
+    root: Tensor
+    residual: Tensor
+    failed: Tensor
+
+
+def coupled_newton_inverse_root(
+    matrices: Tensor,
+    root: int,
+    epsilon: float | Tensor = 0.0,
+    *,
+    max_iterations: int = 100,
+    tolerance: float = 1e-6,
+    check_every: int = 5,
+) -> NewtonResult:
+    """``(A + εI)^(-1/root)`` by the coupled Newton iteration (integer roots only).
+
+    ``X₀ = z^{1/p} I``, ``M₀ = z A`` with ``z = (p+1) / (2‖A‖_F)`` puts the spectrum of ``M₀`` in
+    ``(0, (p+1)/2]``, where the iteration ``T = ((p+1)I − M)/p``, ``X ← X T``, ``M ← Tᵖ M`` converges
+    monotonically to ``M = I``, ``X = A^{-1/p}``. Only matmuls: no eigendecomposition.
+    """
+    if not isinstance(root, int) or root < 1:
+        raise ValueError(f"root must be a positive integer, got {root!r}")
+    d = matrices.shape[-1]
+    eye = torch.eye(d, dtype=matrices.dtype, device=matrices.device)
+    eps = torch.as_tensor(epsilon, dtype=matrices.dtype, device=matrices.device)
+    a = matrices + (eps[..., None, None] if eps.ndim > 0 else eps) * eye
+    norm = torch.linalg.matrix_norm(a, "fro").clamp_min(torch.finfo(a.dtype).tiny)
+    z = ((root + 1) / (2.0 * norm))[..., None, None]
+    x = z.pow(1.0 / root) * eye
+    m = z * a
+    residual = (m - eye).abs().amax((-1, -2))
+    for iteration in range(1, max_iterations + 1):
+        t = ((root + 1) * eye - m) / root
+        x = x @ t
+        m = torch.linalg.matrix_power(t, root) @ m
+        if iteration % check_every == 0 or iteration == max_iterations:
+            residual = (m - eye).abs().amax((-1, -2))
+            if bool((residual < tolerance).logical_or(~torch.isfinite(residual)).all()):
+                break
+    failed = (
+        ~torch.isfinite(residual) | (residual > max(tolerance, 1e-3)) | ~torch.isfinite(x).flatten(-2).all(-1)
+    )
+    return NewtonResult(x, residual, failed)

@@ -1,0 +1,108 @@
+"""Steepest descent under non-Euclidean norms: sign descent (ℓ∞) and spectral descent (Muon).
+
+Neither keeps statistics; both act on the (β₁-filtered) gradient of each block. Spectral descent
+orthogonalizes 2-D blocks — Newton–Schulz quintic by default, or exact SVD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+from ..linalg import NEWTON_SCHULZ_COEFFICIENTS, newton_schulz, svd_orthogonalize
+from .base import Context, Preconditioner, PreconditionerConfig, per_block
+
+__all__ = [
+    "NewtonSchulzOrthogonalizationConfig",
+    "SVDOrthogonalizationConfig",
+    "SignDescentPreconditioner",
+    "SignDescentPreconditionerConfig",
+    "SpectralDescentPreconditioner",
+    "SpectralDescentPreconditionerConfig",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignDescentPreconditionerConfig(PreconditionerConfig):
+    """``sign(G) · scale_fn(G)``. ``scale_fn`` receives a bucket of blocks ``[n, *block]`` and returns
+    a float or per-block ``[n]`` scales (``None``: 1). ℓ∞ steepest descent:
+    ``lambda g: g.abs().flatten(1).sum(1)``. Use a named function if the config must be pickled."""
+
+    scale_fn: Callable[[Tensor], float | Tensor] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewtonSchulzOrthogonalizationConfig:
+    num_iterations: int = 5
+    coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS
+
+    def __post_init__(self) -> None:
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SVDOrthogonalizationConfig:
+    """Exact polar factor via reduced SVD (slower; a reference for Newton–Schulz)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectralDescentPreconditionerConfig(PreconditionerConfig):
+    """Orthogonalized update of 2-D blocks. ``scale``: ``"none"``; ``"shape"`` multiplies by
+    ``sqrt(max(1, rows/cols))`` (Muon); ``"rms"`` by ``0.2·sqrt(max(rows, cols))`` (matches AdamW's
+    update RMS, so AdamW learning rates carry over)."""
+
+    orthogonalization_config: NewtonSchulzOrthogonalizationConfig | SVDOrthogonalizationConfig = field(
+        default_factory=NewtonSchulzOrthogonalizationConfig
+    )
+    scale: Literal["none", "shape", "rms"] = "shape"
+
+    def __post_init__(self) -> None:
+        if self.scale not in ("none", "shape", "rms"):
+            raise ValueError(f"scale must be 'none', 'shape' or 'rms', got {self.scale!r}")
+
+
+class SignDescentPreconditioner(Preconditioner):
+    kind = "sign_descent"
+
+    def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
+        assert isinstance(self.config, SignDescentPreconditionerConfig)
+        direction = grad.sign()
+        if self.config.scale_fn is None:
+            return direction
+        scale = self.config.scale_fn(grad)
+        if isinstance(scale, Tensor) and scale.ndim > 0:
+            return direction * per_block(scale.to(direction.dtype), direction.ndim)
+        return direction * scale
+
+
+class SpectralDescentPreconditioner(Preconditioner):
+    kind = "spectral_descent"
+
+    def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
+        super().__init__(config, block_shape, where)
+        if self.order != 2:
+            raise ValueError(
+                f"{where}: SpectralDescentPreconditionerConfig needs 2-D blocks, got {self.order}-D "
+                f"blocks of shape {block_shape}; give such parameters another preconditioner_config "
+                "in their own param group"
+            )
+        assert isinstance(config, SpectralDescentPreconditionerConfig)
+        rows, cols = block_shape
+        self.factor = {
+            "none": 1.0,
+            "shape": max(1.0, rows / cols) ** 0.5,
+            "rms": 0.2 * max(rows, cols) ** 0.5,
+        }[config.scale]
+
+    def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
+        assert isinstance(self.config, SpectralDescentPreconditionerConfig)
+        ortho = self.config.orthogonalization_config
+        if isinstance(ortho, SVDOrthogonalizationConfig):
+            out = svd_orthogonalize(grad)
+        else:
+            out = newton_schulz(grad, steps=ortho.num_iterations, coefficients=ortho.coefficients)
+        return out * self.factor if self.factor != 1.0 else out

@@ -1,0 +1,317 @@
+"""Shampoo: Kronecker-factored preconditioners ``P = G ×₁ L₁^(-α₁) ×₂ L₂^(-α₂) …`` per block.
+
+Factors accumulate ``Lᵢ ← β₂ Lᵢ + (1-β₂) G₍ᵢ₎ G₍ᵢ₎ᵀ`` (a plain sum when β₂ = 1) every step; inverse
+roots are refreshed every ``precondition_frequency`` steps. Three variants share the loop:
+
+* root-inverse: the root is computed (eigh or coupled Newton) and cached;
+* eigendecomposed: eigenvectors/eigenvalues are kept (eigh, or QR warm start) and the root cached;
+* KL-Shampoo: factors see the gradient preconditioned by the other factors first, through the
+  ``transform_grad_for_outer_product`` hook — ``Lᵢ ← β₂Lᵢ + (1-β₂)/dᵢ' · G (⊗ⱼ≠ᵢ Lⱼ⁻¹) Gᵀ`` — with
+  default exponent ½ per factor, optionally with per-factor eigenvalue correction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..linalg import (
+    SpectrumStats,
+    coupled_newton_inverse_root,
+    inverse_root_from_eigh,
+    safe_eigh,
+    spectrum_stats,
+)
+from .amortized import (
+    CoupledNewtonConfig,
+    EigenConfig,
+    EigendecompositionConfig,
+    EighEigendecompositionConfig,
+    QREigendecompositionConfig,
+    eigendecompose,
+)
+from .base import (
+    Context,
+    Preconditioner,
+    PreconditionerConfig,
+    RefreshResult,
+    apply_along_dims,
+    check_dtype,
+    commit_,
+    ema_,
+    identity,
+    outer_products,
+    resolve_exponent,
+)
+
+__all__ = [
+    "EigendecomposedShampooPreconditionerConfig",
+    "KLShampooPreconditioner",
+    "KLShampooPreconditionerConfig",
+    "RootInvShampooPreconditionerConfig",
+    "ShampooPreconditioner",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_exponent_override(override: Mapping) -> None:
+    for order, value in override.items():
+        if not isinstance(order, int) or order < 0:
+            raise ValueError(f"inverse_exponent_override keys must be tensor orders >= 0, got {order!r}")
+        values = value.values() if isinstance(value, Mapping) else [value]
+        if isinstance(value, Mapping) and any(not 0 <= d < max(order, 1) for d in value):
+            raise ValueError(f"inverse_exponent_override[{order}] names a dim outside [0, {max(order, 1)})")
+        if any(float(v) < 0 for v in values):
+            raise ValueError(f"inverse_exponent_override[{order}] must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ShampooFamilyConfig(PreconditionerConfig):
+    """``inverse_exponent_override``: ``{order: α | {dim: α}}``; α = 0 leaves a dim unpreconditioned."""
+
+    inverse_exponent_override: Mapping[int, float | Mapping[int, float]] = field(default_factory=dict)
+    factor_matrix_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        _check_exponent_override(self.inverse_exponent_override)
+        check_dtype("factor_matrix_dtype", self.factor_matrix_dtype, _FLOAT_DTYPES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RootInvShampooPreconditionerConfig(_ShampooFamilyConfig):
+    """Classic Shampoo caching ``Lᵢ^(-αᵢ)``; default ``αᵢ = 1/(2·order)``."""
+
+    amortized_computation_config: EigenConfig | CoupledNewtonConfig = field(default_factory=EigenConfig)
+    inv_factor_matrix_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dtype("inv_factor_matrix_dtype", self.inv_factor_matrix_dtype, _FLOAT_DTYPES)
+        if not isinstance(self.amortized_computation_config, EigenConfig | CoupledNewtonConfig):
+            raise ValueError(
+                "amortized_computation_config must be EigenConfig or CoupledNewtonConfig, "
+                f"got {type(self.amortized_computation_config).__name__}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EigendecomposedShampooPreconditionerConfig(_ShampooFamilyConfig):
+    """Shampoo keeping each factor's eigendecomposition (eigh, or QR warm start)."""
+
+    amortized_computation_config: EigendecompositionConfig = field(
+        default_factory=EighEigendecompositionConfig
+    )
+    factor_matrix_eigenvectors_dtype: torch.dtype = torch.float32
+    factor_matrix_eigenvalues_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dtype("factor_matrix_eigenvectors_dtype", self.factor_matrix_eigenvectors_dtype, _FLOAT_DTYPES)
+        check_dtype("factor_matrix_eigenvalues_dtype", self.factor_matrix_eigenvalues_dtype, _FLOAT_DTYPES)
+        allowed = EighEigendecompositionConfig | QREigendecompositionConfig
+        if not isinstance(self.amortized_computation_config, allowed):
+            raise ValueError(
+                "amortized_computation_config must be EighEigendecompositionConfig or "
+                f"QREigendecompositionConfig, got {type(self.amortized_computation_config).__name__}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLShampooPreconditionerConfig(EigendecomposedShampooPreconditionerConfig):
+    """KL-Shampoo (default exponent ½ per factor). ``eigenvalue_correction`` re-estimates each
+    factor's eigenvalues every step in its last eigenbasis (cheap, diagonal) between refreshes."""
+
+    eigenvalue_correction: bool = False
+
+
+class ShampooPreconditioner(Preconditioner):
+    """Root-inverse and eigendecomposed Shampoo over one bucket."""
+
+    amortized = True
+    default_exponent_scale = 0.5  # α = scale / order
+
+    def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
+        super().__init__(config, block_shape, where)
+        assert isinstance(config, _ShampooFamilyConfig)
+        self.kind = (
+            "shampoo_eigen"
+            if isinstance(config, EigendecomposedShampooPreconditionerConfig)
+            else ("shampoo_root_inv")
+        )
+        default = self.default_exponent(self.order)
+        exponents = {
+            i: resolve_exponent(config.inverse_exponent_override, self.order, i, default)
+            for i in range(self.order)
+        }
+        self.exponents = {i: a for i, a in exponents.items() if a > 0.0}
+        amortized = getattr(config, "amortized_computation_config", None)
+        if isinstance(amortized, CoupledNewtonConfig):
+            for i, a in self.exponents.items():
+                if abs(1.0 / a - round(1.0 / a)) > 1e-9:
+                    raise ValueError(
+                        f"{where}: CoupledNewtonConfig needs an integer root, but dim {i} of a "
+                        f"{self.order}-D block has exponent {a} (root {1.0 / a}); use EigenConfig"
+                    )
+        self.eigendecomposed = isinstance(config, EigendecomposedShampooPreconditionerConfig)
+
+    def default_exponent(self, order: int) -> float:
+        return self.default_exponent_scale / max(order, 1)
+
+    @property
+    def factor_dims(self) -> tuple[int, ...]:
+        return tuple(self.exponents)
+
+    def _dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        cfg = self.config
+        if isinstance(cfg, EigendecomposedShampooPreconditionerConfig):
+            return cfg.factor_matrix_eigenvectors_dtype, cfg.factor_matrix_eigenvalues_dtype
+        assert isinstance(cfg, RootInvShampooPreconditionerConfig)
+        return cfg.inv_factor_matrix_dtype, cfg.inv_factor_matrix_dtype
+
+    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        assert isinstance(self.config, _ShampooFamilyConfig)
+        fdtype = self.config.factor_matrix_dtype
+        vdtype, edtype = self._dtypes()
+        state: dict[str, Tensor] = {}
+        for i in self.factor_dims:
+            d = self.block_shape[i]
+            state[f"factor.{i}"] = torch.zeros(n, d, d, dtype=fdtype, device=device)
+            state[f"root.{i}"] = identity(n, d, dtype=vdtype, device=device)
+            if self.eigendecomposed:
+                state[f"eigenvectors.{i}"] = identity(n, d, dtype=vdtype, device=device)
+                state[f"eigenvalues.{i}"] = torch.zeros(n, d, dtype=edtype, device=device)
+        return state
+
+    def transform_grad_for_outer_product(
+        self, state: dict[str, Tensor], grad: Tensor, dim: int, ctx: Context
+    ) -> Tensor:
+        """What factor ``dim`` accumulates the outer product of; classic Shampoo: the gradient."""
+        return grad
+
+    def update(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
+        for i in self.factor_dims:
+            factor = state[f"factor.{i}"]
+            x = self.transform_grad_for_outer_product(state, grad, i, ctx).to(factor.dtype)
+            ema_(factor, outer_products(x, i), ctx.beta2, ctx.live)
+
+    def _eigen_refresh(self, state: dict[str, Tensor], i: int, matrix: Tensor, ctx: Context):
+        cfg = self.config
+        assert isinstance(cfg, EigendecomposedShampooPreconditionerConfig)
+        previous = state[f"eigenvectors.{i}"].to(matrix.dtype)
+        return eigendecompose(matrix, cfg.amortized_computation_config, previous, warm=ctx.warm)
+
+    def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
+        amortized = getattr(self.config, "amortized_computation_config", None)
+        eps = ctx.block_epsilon()
+        bc2 = ctx.bias_correction2
+        block_failed = torch.zeros_like(commit)
+        stats: list[SpectrumStats | None] = []
+        for i, alpha in self.exponents.items():
+            matrix = state[f"factor.{i}"] / bc2
+            root_key = f"root.{i}"
+            if isinstance(amortized, CoupledNewtonConfig):
+                root, _, failed = coupled_newton_inverse_root(
+                    matrix,
+                    round(1.0 / alpha),
+                    eps,
+                    max_iterations=amortized.max_iterations,
+                    tolerance=amortized.tolerance,
+                )
+                stats.append(None)
+            else:
+                options = amortized
+                if self.eigendecomposed:
+                    values, vectors, _, failed = self._eigen_refresh(state, i, matrix, ctx)
+                else:
+                    assert isinstance(options, EigenConfig)
+                    values, vectors, failed = safe_eigh(matrix, retry_float64=options.retry_double_precision)
+                root = inverse_root_from_eigh(
+                    values,
+                    vectors,
+                    alpha,
+                    eps,
+                    pseudo_inverse=getattr(options, "pseudo_inverse", False),
+                    rank_rtol=getattr(options, "rank_rtol", None),
+                )
+                failed = failed | ~torch.isfinite(root).flatten(1).all(1)
+                stats.append(spectrum_stats(values, eps))
+                if self.eigendecomposed:
+                    ok = commit & ~failed
+                    commit_(state[f"eigenvectors.{i}"], vectors, ok)
+                    commit_(state[f"eigenvalues.{i}"], values * bc2, ok)
+            commit_(state[root_key], root, commit & ~failed)
+            block_failed |= failed & commit
+        return RefreshResult(block_failed, tuple(stats))
+
+    def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
+        return apply_along_dims(grad, {i: state[f"root.{i}"] for i in self.factor_dims})
+
+
+class KLShampooPreconditioner(ShampooPreconditioner):
+    """KL-Shampoo: factor ``i`` accumulates the outer product of ``G ×ⱼ≠ᵢ Lⱼ^(-½) / sqrt(Πⱼ≠ᵢ dⱼ)``."""
+
+    kind = "kl_shampoo"
+    default_exponent_scale = 0.5
+
+    def default_exponent(self, order: int) -> float:
+        return 0.5
+
+    def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
+        super().__init__(config, block_shape, where)
+        self.kind = "kl_shampoo"
+        assert isinstance(config, KLShampooPreconditionerConfig)
+        self.correction = config.eigenvalue_correction
+
+    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        state = super().init_state(n, device, dtype)
+        if self.correction:
+            state["refreshed"] = torch.zeros(n, dtype=torch.bool, device=device)
+        return state
+
+    def transform_grad_for_outer_product(
+        self, state: dict[str, Tensor], grad: Tensor, dim: int, ctx: Context
+    ) -> Tensor:
+        others = {j: state[f"root.{j}"] for j in self.factor_dims if j != dim}
+        scale = math.prod(self.block_shape[j] for j in range(self.order) if j != dim)
+        return apply_along_dims(grad, others) * (scale**-0.5)
+
+    def update(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
+        super().update(state, grad, ctx)
+        if self.correction:
+            self._correct_eigenvalues(state, grad, ctx)
+
+    def _correct_eigenvalues(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
+        """``λᵢ ← β₂λᵢ + (1-β₂)·diag(Qᵢᵀ G (⊗ⱼ≠ᵢ Lⱼ⁻¹) Gᵀ Qᵢ)/Πⱼ≠ᵢdⱼ`` in the last eigenbases."""
+        bc2, eps = ctx.bias_correction2, ctx.epsilon
+        bases = {i: state[f"eigenvectors.{i}"] for i in self.factor_dims}
+        energy = apply_along_dims(grad, bases, transpose=True).square()
+        inverse = {j: 1.0 / (state[f"eigenvalues.{j}"] / bc2 + eps) for j in self.factor_dims}
+        live = ctx.live * state["refreshed"].to(ctx.live.dtype)
+        order = self.order
+        for i in self.factor_dims:
+            x = energy
+            for j, inv in inverse.items():
+                if j != i:
+                    shape = [inv.shape[0]] + [1] * order
+                    shape[j + 1] = inv.shape[1]
+                    x = x * inv.view(shape).to(x.dtype)
+            scale = math.prod(self.block_shape[j] for j in range(order) if j != i)
+            estimate = x.sum(dim=[d + 1 for d in range(order) if d != i]) / scale
+            ema_(state[f"eigenvalues.{i}"], estimate, ctx.beta2, live)
+        refreshed = state["refreshed"]
+        for i, alpha in self.exponents.items():
+            values = state[f"eigenvalues.{i}"] / bc2
+            vectors = bases[i]
+            root = inverse_root_from_eigh(values.to(vectors.dtype), vectors, alpha, eps)
+            commit_(state[f"root.{i}"], root, refreshed)
+
+    def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
+        result = super().refresh(state, ctx, commit)
+        if self.correction:
+            state["refreshed"] |= commit & ~result.failed
+        return result

@@ -1,0 +1,155 @@
+"""Eigenvalue-corrected Shampoo (SOAP): Adam in the eigenbasis of Shampoo's factors.
+
+Factors accumulate as in Shampoo; every ``precondition_frequency`` steps their eigenvectors are
+refreshed (eigh, or warm-started QR). Every step the gradient is rotated into that basis, where a
+diagonal second moment (the *corrected eigenvalues*) is kept, Adam-style, and the update is
+rotated back. With the identity basis (before the first refresh) this is exactly Adam.
+
+When a QR refresh reorders the basis columns by Rayleigh quotient, the second moment is permuted
+along with them, so each entry keeps following its direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..linalg import spectrum_stats
+from .amortized import (
+    EigendecompositionConfig,
+    EighEigendecompositionConfig,
+    QREigendecompositionConfig,
+    eigendecompose,
+)
+from .base import (
+    Context,
+    Preconditioner,
+    PreconditionerConfig,
+    RefreshResult,
+    apply_along_dims,
+    check_dtype,
+    commit_,
+    ema_,
+    identity,
+    outer_products,
+)
+
+__all__ = ["EigenvalueCorrectedShampooPreconditionerConfig", "SOAPPreconditioner"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
+    """SOAP. ``ignored_basis_change_dims``: ``{order: [dims]}`` kept in the original basis;
+    ``inverse_exponent_override``: ``{order: α}`` on the corrected eigenvalues (default ½, Adam)."""
+
+    amortized_computation_config: EigendecompositionConfig = field(
+        default_factory=EighEigendecompositionConfig
+    )
+    ignored_basis_change_dims: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    inverse_exponent_override: Mapping[int, float] = field(default_factory=dict)
+    factor_matrix_dtype: torch.dtype = torch.float32
+    factor_matrix_eigenvectors_dtype: torch.dtype = torch.float32
+    corrected_eigenvalues_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        for name in (
+            "factor_matrix_dtype",
+            "factor_matrix_eigenvectors_dtype",
+            "corrected_eigenvalues_dtype",
+        ):
+            check_dtype(name, getattr(self, name), _FLOAT_DTYPES)
+        allowed = EighEigendecompositionConfig | QREigendecompositionConfig
+        if not isinstance(self.amortized_computation_config, allowed):
+            raise ValueError(
+                "amortized_computation_config must be EighEigendecompositionConfig or "
+                f"QREigendecompositionConfig, got {type(self.amortized_computation_config).__name__}"
+            )
+        for order, dims in self.ignored_basis_change_dims.items():
+            if order < 0 or any(not 0 <= d < max(order, 1) for d in dims) or len(set(dims)) != len(dims):
+                raise ValueError(
+                    f"ignored_basis_change_dims[{order}]={list(dims)} is not a set of distinct dims "
+                    f"of an order-{order} block"
+                )
+        for order, alpha in self.inverse_exponent_override.items():
+            if order < 0 or not alpha > 0:
+                raise ValueError(f"inverse_exponent_override[{order}] must be > 0, got {alpha}")
+
+
+class SOAPPreconditioner(Preconditioner):
+    """SOAP over one bucket."""
+
+    kind = "soap"
+    amortized = True
+
+    def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
+        super().__init__(config, block_shape, where)
+        assert isinstance(config, EigenvalueCorrectedShampooPreconditionerConfig)
+        self.cfg = config
+        ignored = set(config.ignored_basis_change_dims.get(self.order, ()))
+        self.basis_dims = tuple(i for i in range(self.order) if i not in ignored)
+        self.exponent = float(config.inverse_exponent_override.get(self.order, 0.5))
+
+    @property
+    def factor_dims(self) -> tuple[int, ...]:
+        return self.basis_dims
+
+    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        state: dict[str, Tensor] = {}
+        for i in self.basis_dims:
+            d = self.block_shape[i]
+            state[f"factor.{i}"] = torch.zeros(n, d, d, dtype=self.cfg.factor_matrix_dtype, device=device)
+            state[f"eigenvectors.{i}"] = identity(
+                n, d, dtype=self.cfg.factor_matrix_eigenvectors_dtype, device=device
+            )
+        state["corrected_eigenvalues"] = torch.zeros(
+            n, *self.block_shape, dtype=self.cfg.corrected_eigenvalues_dtype, device=device
+        )
+        return state
+
+    def _bases(self, state: dict[str, Tensor]) -> dict[int, Tensor]:
+        return {i: state[f"eigenvectors.{i}"] for i in self.basis_dims}
+
+    def update(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
+        for i in self.basis_dims:
+            factor = state[f"factor.{i}"]
+            ema_(factor, outer_products(grad.to(factor.dtype), i), ctx.beta2, ctx.live)
+
+    def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
+        bc2 = ctx.bias_correction2
+        block_failed = torch.zeros_like(commit)
+        stats = []
+        second = state["corrected_eigenvalues"]
+        for i in self.basis_dims:
+            key = f"eigenvectors.{i}"
+            matrix = state[f"factor.{i}"] / bc2
+            values, vectors, permutation, failed = eigendecompose(
+                matrix, self.cfg.amortized_computation_config, state[key].to(matrix.dtype), warm=ctx.warm
+            )
+            ok = commit & ~failed
+            commit_(state[key], vectors, ok)
+            if permutation is not None:
+                index_shape = [second.shape[0]] + [1] * self.order
+                index_shape[i + 1] = self.block_shape[i]
+                index = permutation.view(index_shape).expand_as(second)
+                commit_(second, second.gather(i + 1, index), ok)
+            stats.append(spectrum_stats(values, ctx.block_epsilon()))
+            block_failed |= failed & commit
+        return RefreshResult(block_failed, tuple(stats))
+
+    def update_after_refresh(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
+        rotated = apply_along_dims(grad, self._bases(state), transpose=True)
+        ema_(state["corrected_eigenvalues"], rotated.square(), ctx.beta2, ctx.live)
+
+    def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
+        bases = self._bases(state)
+        rotated = apply_along_dims(grad, bases, transpose=True)
+        second = state["corrected_eigenvalues"] / ctx.bias_correction2
+        scaled = rotated / (second.pow(self.exponent) if self.exponent != 0.5 else second.sqrt()).add_(
+            ctx.epsilon
+        )
+        return apply_along_dims(scaled, bases)
