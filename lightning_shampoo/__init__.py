@@ -1,5 +1,12 @@
 """lightning_shampoo: Kronecker-factored second-order optimizers as a one-line change for Lightning."""
 
+from .callbacks import (
+    PreconditionerHealthMonitor,
+    PreconditionFrequencyScheduler,
+    SGDFallback,
+    ShampooCallback,
+)
+from .configure import configure_shampoo
 from .health import BlockHealth
 from .optim import Shampoo
 from .preconditioners import (
@@ -13,6 +20,8 @@ from .preconditioners import (
     KLShampooPreconditionerConfig,
     NewtonSchulzOrthogonalizationConfig,
     PreconditionerConfig,
+    PSGDKronPreconditionerConfig,
+    PSGDUpdateProbabilitySchedule,
     QREigendecompositionConfig,
     RMSpropPreconditionerConfig,
     RootInvShampooPreconditionerConfig,
@@ -21,6 +30,7 @@ from .preconditioners import (
     SpectralDescentPreconditionerConfig,
     SVDOrthogonalizationConfig,
 )
+from .strategies import ShampooDDPStrategy, ShampooFSDPStrategy
 
 __version__ = "0.1.0"
 
@@ -35,13 +45,22 @@ __all__ = [
     "EighEigendecompositionConfig",
     "KLShampooPreconditionerConfig",
     "NewtonSchulzOrthogonalizationConfig",
+    "PSGDKronPreconditionerConfig",
+    "PSGDUpdateProbabilitySchedule",
+    "PreconditionFrequencyScheduler",
     "PreconditionerConfig",
+    "PreconditionerHealthMonitor",
     "QREigendecompositionConfig",
     "RMSpropPreconditionerConfig",
     "RootInvShampooPreconditionerConfig",
+    "SGDFallback",
     "SGDPreconditionerConfig",
     "SVDOrthogonalizationConfig",
     "Shampoo",
+    "ShampooCallback",
+    "ShampooDDPStrategy",
+    "ShampooFSDPStrategy",
     "SignDescentPreconditionerConfig",
     "SpectralDescentPreconditionerConfig",
+    "configure_shampoo",
 ]

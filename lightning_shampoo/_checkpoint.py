@@ -21,6 +21,7 @@ __all__ = ["SECTIONS", "load_state_dict", "to_state_dict"]
 
 SECTIONS = ("precond", "graft", "opt")
 _NOT_SAVED = {"params", "param_names", "preconditioner_config", "grafting_config"}
+_LAYOUT_KEYS = ("max_preconditioner_dim", "use_merge_dims", "stacked")
 
 
 def _plain(value: Any) -> bool:
@@ -52,7 +53,12 @@ def to_state_dict(optimizer: Shampoo) -> dict[str, Any]:
     return {"state": state, "param_groups": groups}
 
 
+def _block_ids(entry: dict[str, Any]) -> set[int]:
+    return {int(key.split(".", 1)[0][len("block_") :]) for key in entry}
+
+
 def load_state_dict(optimizer: Shampoo, state_dict: dict[str, Any]) -> None:
+    """Check everything first, then write: a rejected checkpoint leaves the optimizer untouched."""
     groups = state_dict["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(
@@ -66,18 +72,25 @@ def load_state_dict(optimizer: Shampoo, state_dict: dict[str, Any]) -> None:
                 f"param group {g}: state_dict has {len(saved['params'])} params, "
                 f"this optimizer has {len(current['params'])}"
             )
-        for key, value in saved.items():
-            if key not in _NOT_SAVED:
-                current[key] = tuple(value) if key == "betas" else value
+        for key in _LAYOUT_KEYS:  # they decide the blocks, so they cannot change on load
+            if key in saved and saved[key] != current[key]:
+                raise ValueError(
+                    f"param group {g}: state_dict has {key}={saved[key]!r}, this optimizer has "
+                    f"{key}={current[key]!r}; the preconditioner blocks would not match"
+                )
         for saved_key in saved["params"]:
             saved_id[index] = saved_key
             index += 1
     optimizer._ensure_state()
     saved_state = state_dict["state"]
+    created: dict[tuple[int, str], tuple[dict[str, Tensor], tuple[int, ...], Tensor, torch.device]] = {}
+    copies: list[tuple[dict[str, Tensor], str, int, Tensor]] = []
+    blocks: dict[int, set[int]] = {}
     for plan in optimizer.plans:
         bucket_state = optimizer.state[plan.bucket.key]  # type: ignore[index]
-        n = plan.bucket.size
+        device = next(iter(bucket_state["opt"].values())).device
         for row, (pidx, bidx) in enumerate(plan.bucket.rows()):
+            blocks.setdefault(pidx, set()).add(bidx)
             entry = saved_state.get(saved_id[pidx])
             if not entry:
                 continue
@@ -85,12 +98,14 @@ def load_state_dict(optimizer: Shampoo, state_dict: dict[str, Any]) -> None:
             found = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
             for section in SECTIONS:
                 tensors = bucket_state[section]
+                shapes = {key: tensor.shape[1:] for key, tensor in tensors.items()}
                 for name, value in found.items():
                     sec, _, key = name.partition(".")
                     if sec == section and key not in tensors:  # created lazily by the saving run
-                        device = next(iter(bucket_state["opt"].values())).device
-                        tensors[key] = torch.zeros((n, *value.shape), dtype=value.dtype, device=device)
-                for key, tensor in tensors.items():
+                        shape = (plan.bucket.size, *value.shape)
+                        created.setdefault((id(tensors), key), (tensors, shape, value, device))
+                        shapes[key] = torch.Size(created[(id(tensors), key)][1][1:])
+                for key, shape in shapes.items():
                     value = found.get(f"{section}.{key}")
                     where = f"parameter {optimizer._names[pidx]!r} block {bidx} state {section}.{key}"
                     if value is None:
@@ -99,10 +114,26 @@ def load_state_dict(optimizer: Shampoo, state_dict: dict[str, Any]) -> None:
                         raise ValueError(
                             f"{where} is missing from the state_dict (was the preconditioner config changed?)"
                         )
-                    if tuple(value.shape) != tuple(tensor.shape[1:]):
+                    if tuple(value.shape) != tuple(shape):
                         raise ValueError(
-                            f"{where}: saved shape {tuple(value.shape)} != "
-                            f"expected {tuple(tensor.shape[1:])} "
+                            f"{where}: saved shape {tuple(value.shape)} != expected {tuple(shape)} "
                             "(was max_preconditioner_dim or the preconditioner config changed?)"
                         )
-                    tensor[row].copy_(value)
+                    copies.append((tensors, key, row, value))
+    for pidx, current_blocks in blocks.items():
+        entry = saved_state.get(saved_id[pidx])
+        saved_blocks = _block_ids(entry) if entry else current_blocks
+        extra = saved_blocks - current_blocks if optimizer._owns is None else set()
+        if current_blocks - saved_blocks or extra:
+            raise ValueError(
+                f"parameter {optimizer._names[pidx]!r}: the state_dict has blocks {sorted(saved_blocks)}, "
+                f"this optimizer has {sorted(current_blocks)} (was max_preconditioner_dim changed?)"
+            )
+    for current, saved in zip(optimizer.param_groups, groups):
+        for key, value in saved.items():
+            if key not in _NOT_SAVED:
+                current[key] = tuple(value) if key == "betas" else value
+    for (_, key), (tensors, shape, value, device) in created.items():
+        tensors[key] = torch.zeros(shape, dtype=value.dtype, device=device)
+    for tensors, key, row, value in copies:
+        tensors[key][row].copy_(value)

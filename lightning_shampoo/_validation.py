@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .preconditioners import GRAFTING_CONFIGS, PreconditionerConfig
+from .preconditioners import GRAFTING_CONFIGS, PreconditionerConfig, PSGDKronPreconditionerConfig
 
 __all__ = ["validate_group"]
 
@@ -44,6 +44,11 @@ def validate_group(group: dict[str, Any]) -> None:
         raise ValueError(
             f"preconditioner_config must be a preconditioner config instance, got {type(config).__name__}"
         )
+    if isinstance(config, PSGDKronPreconditionerConfig) and not config.whiten_grad and beta1 == 0.0:
+        raise ValueError(
+            "PSGDKronPreconditionerConfig(whiten_grad=False) fits the preconditioner on the momentum, "
+            "which needs betas[0] > 0; got betas[0] = 0.0 (set betas[0] or use whiten_grad=True)"
+        )
     epsilon = group["epsilon"]
     if _pseudo_inverse(config):
         if not epsilon >= 0.0:
@@ -73,6 +78,9 @@ def validate_group(group: dict[str, Any]) -> None:
         raise ValueError(
             f"start_preconditioning_step ({start}) must be >= precondition_frequency ({frequency}) or -1"
         )
+    tolerance = group.get("refresh_tolerance")
+    if tolerance is not None and not (isinstance(tolerance, int | float) and tolerance >= 0):
+        raise ValueError(f"refresh_tolerance must be None or >= 0, got {tolerance!r}")
     graft = group["grafting_config"]
     if graft is not None and not isinstance(graft, GRAFTING_CONFIGS):
         raise ValueError(

@@ -56,7 +56,8 @@ def processed_shape(
             else:
                 merged.append(d)
         dims = merged
-    return lead + tuple(reversed(dims))
+    # A scalar (or all-size-1) parameter becomes one 1-element block, as in Distributed Shampoo.
+    return lead + tuple(reversed(dims)) or (1,)
 
 
 @dataclass(frozen=True)
@@ -203,11 +204,15 @@ def build_buckets(
     *,
     bucketing: bool = True,
     owns: Callable[[int, int], bool] | None = None,
+    max_numel: int | None = None,
 ) -> list[Bucket]:
     """Group the blocks of one param group into buckets.
 
     ``bucketing=False`` gives one bucket per block (the reference one-block-at-a-time path).
     ``owns(param_index, block_index)`` keeps only the blocks this process is responsible for.
+    ``max_numel`` caps a bucket's largest per-step tensor (``n·max(block numel, dᵢ²)`` elements):
+    beyond a few blocks batching gains nothing, while very large temporaries cost memory (and on
+    CPU, fresh pages for every allocation).
     """
     grouped: dict[tuple[Any, ...], list[tuple[ParamLayout, Region]]] = {}
     for layout, dtype, device in layouts:
@@ -221,16 +226,37 @@ def build_buckets(
                 if not bucketing:
                     key = (*key, layout.index, part.block_ids[0])
                 grouped.setdefault(key, []).append((layout, part))
-    buckets = []
-    for n, (key, items) in enumerate(grouped.items()):
-        members, offset = [], 0
-        for layout, region in items:
-            members.append(BucketMember(layout, region, offset))
-            offset += region.count
+    buckets: list[Bucket] = []
+    for key, items in grouped.items():
         shape, dtype = key[0], key[1]
         name = "x".join(map(str, shape)) or "scalar"
-        buckets.append(Bucket(f"g{group}.b{n}.{name}", group, shape, dtype, tuple(members)))
+        per_block = max([math.prod(shape), *(d * d for d in shape)])
+        cap = max(1, max_numel // per_block) if max_numel else None
+        for chunk in _chunks(items, cap):
+            members, offset = [], 0
+            for layout, region in chunk:
+                members.append(BucketMember(layout, region, offset))
+                offset += region.count
+            buckets.append(Bucket(f"g{group}.b{len(buckets)}.{name}", group, shape, dtype, tuple(members)))
     return buckets
+
+
+def _chunks(
+    items: list[tuple[ParamLayout, Region]], cap: int | None
+) -> list[list[tuple[ParamLayout, Region]]]:
+    """Split a bucket's regions into runs of at most ``cap`` blocks (splitting large regions)."""
+    if cap is None:
+        return [items]
+    chunks: list[list[tuple[ParamLayout, Region]]] = [[]]
+    count = 0
+    for layout, region in items:
+        for part in region.split() if region.count > cap else [region]:
+            if count + part.count > cap and chunks[-1]:
+                chunks.append([])
+                count = 0
+            chunks[-1].append((layout, part))
+            count += part.count
+    return chunks
 
 
 def gather(

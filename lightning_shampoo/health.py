@@ -34,6 +34,8 @@ class BlockHealth:
     nonfinite_count: int
     fallback: str | None
     epsilon_scale: float = 1.0
+    refreshes: int = 0
+    skipped_refreshes: int = 0
 
     @property
     def key(self) -> tuple[int, int]:

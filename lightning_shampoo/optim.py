@@ -25,16 +25,17 @@ from torch import Tensor
 
 from . import _checkpoint
 from ._validation import validate_group
-from .blocking import Bucket, build_buckets, gather, layout_param, scatter_add_
+from .blocking import Bucket, ParamLayout, build_buckets, gather, layout_param, scatter_add_
 from .health import BlockHealth
 from .preconditioners import (
     Context,
     Preconditioner,
+    PSGDKronPreconditionerConfig,
     RootInvShampooPreconditionerConfig,
     SpectralDescentPreconditionerConfig,
     make_preconditioner,
 )
-from .preconditioners.base import commit_, ema_, per_block
+from .preconditioners.base import commit_, ema_, per_block, row_norms
 
 __all__ = ["FALLBACK_MODES", "Shampoo"]
 
@@ -71,6 +72,9 @@ class Shampoo(torch.optim.Optimizer):
     Param groups may override every argument below and also set ``stacked=True``: the leading
     dim of each of their parameters indexes independent slices (layers, experts) that get
     separate preconditioners. ``use_bucketing=False`` runs one block at a time (the reference).
+    ``refresh_tolerance``: on scheduled refreshes, refresh only blocks whose factors drifted by
+    more than this (relative) since their last refresh — see ``Preconditioner.drift``.
+    ``max_bucket_numel`` caps the size of a bucket's batched tensors (see ``build_buckets``).
     """
 
     def __init__(
@@ -93,11 +97,19 @@ class Shampoo(torch.optim.Optimizer):
         preconditioner_config: Any = RootInvShampooPreconditionerConfig(),  # noqa: B008 (frozen)
         use_merge_dims: bool = True,
         use_bucketing: bool = True,
+        refresh_tolerance: float | None = None,
+        max_bucket_numel: int | None = 2**21,
     ) -> None:
         self._plans: list[list[BucketPlan]] = []
+        self._layouts: list[list[tuple[ParamLayout, torch.dtype, torch.device]]] = []
+        self.sharded = False  # True once blocks are split across ranks (each rank holds its own)
+        self._distributor: Any = None  # set by lightning_shampoo.distributed.shard_optimizer
         self._params: list[Tensor] = []
         self._names: list[str] = []
         self._use_bucketing = use_bucketing
+        if max_bucket_numel is not None and max_bucket_numel < 1:
+            raise ValueError(f"max_bucket_numel must be None or >= 1, got {max_bucket_numel}")
+        self._max_bucket_numel = max_bucket_numel
         self._owns: Callable[[int, int], bool] | None = None
         self._fallback_buckets: set[str] = set()
         self._refresh_requests: set[str] = set()
@@ -120,6 +132,7 @@ class Shampoo(torch.optim.Optimizer):
             grafting_config=grafting_config,
             preconditioner_config=preconditioner_config,
             use_merge_dims=use_merge_dims,
+            refresh_tolerance=refresh_tolerance,
             stacked=False,
         )
         super().__init__(params, defaults)
@@ -153,15 +166,21 @@ class Shampoo(torch.optim.Optimizer):
                 merge=group["use_merge_dims"] and p.is_contiguous(),
                 stacked=group["stacked"],
                 min_order=2
-                if isinstance(group["preconditioner_config"], SpectralDescentPreconditionerConfig)
+                if isinstance(
+                    group["preconditioner_config"],
+                    SpectralDescentPreconditionerConfig | PSGDKronPreconditionerConfig,
+                )
                 else 1,
             )
             layouts.append((layout, p.dtype, p.device))
+        self._layouts.append(layouts)
         return self._make_plans(g, group, layouts)
 
     def _make_plans(self, g: int, group: dict[str, Any], layouts: list) -> list[BucketPlan]:
         plans = []
-        for bucket in build_buckets(g, layouts, bucketing=self._use_bucketing, owns=self._owns):
+        for bucket in build_buckets(
+            g, layouts, bucketing=self._use_bucketing, owns=self._owns, max_numel=self._max_bucket_numel
+        ):
             where = "parameter(s) " + ", ".join(dict.fromkeys(m.param.name for m in bucket.members))
             kernel = make_preconditioner(group["preconditioner_config"], bucket.block_shape, where)
             graft = group["grafting_config"]
@@ -171,14 +190,28 @@ class Shampoo(torch.optim.Optimizer):
 
     @property
     def plans(self) -> list[BucketPlan]:
+        """The buckets this process holds state for (all of them unless sharded)."""
         return [plan for plans in self._plans for plan in plans]
+
+    def block_keys(self) -> list[tuple[int, int]]:
+        """Every block of every parameter, ``(param_index, block_index)``, in a fixed order that is
+        the same on every rank (sharded or not)."""
+        return [
+            (layout.index, block)
+            for layouts in self._layouts
+            for layout, _, _ in layouts
+            for block in range(layout.num_blocks)
+        ]
+
+    def param_name(self, index: int) -> str:
+        return self._names[index]
 
     def _ensure_state(self) -> None:
         """Allocate bucket state lazily (after the model has reached its device), as torch.optim does."""
         for plan in self.plans:
             if plan.bucket.key in self.state:
                 continue
-            first = self._params[plan.bucket.members[0].param.index]
+            first = self._param(plan.bucket.members[0].param.index)
             n, device = plan.bucket.size, first.device
             dtype = torch.promote_types(first.dtype, torch.float32)
             opt: dict[str, Tensor] = {
@@ -208,9 +241,13 @@ class Shampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._ensure_state()
+        if self._distributor is not None:
+            self._distributor.begin_step()
         with _full_precision_matmul():
             for g, group in enumerate(self.param_groups):
                 self._step_group(g, group)
+        if self._distributor is not None:
+            self._distributor.finish_step()
         return loss
 
     def _step_group(self, g: int, group: dict[str, Any]) -> None:
@@ -223,36 +260,65 @@ class Shampoo(torch.optim.Optimizer):
         for plan in self._plans[g]:
             state = self.state[plan.bucket.key]  # type: ignore[index]
             direction = self._direction(plan, state, group, step, start, due)
-            self._refresh_requests.discard(plan.bucket.key)
-            if direction is not None:
+            if direction is not None:  # without gradients, pending refresh requests wait
+                self._refresh_requests.discard(plan.bucket.key)
                 self._apply(plan, direction, group["lr"])
         if self._refresh_clock:
             self.refresh_seconds[g] = self._refresh_clock
 
     def _apply(self, plan: BucketPlan, direction: Tensor, lr: float | Tensor) -> None:
-        """Write ``-lr · P`` into the parameters (the distributed strategy replaces this)."""
-        params = {m.param.index: self._params[m.param.index] for m in plan.bucket.members}
-        scatter_add_(plan.bucket, params, direction, -lr)
+        """Add the update ``U = -lr · P`` to the parameters. ``U`` is formed first (not fused into
+        the add) so a sharded run, which communicates ``U``, applies bitwise the same values."""
+        update = direction.mul_(-lr)
+        if self._distributor is not None:
+            self._distributor.stage(plan, update)
+        else:
+            scatter_add_(plan.bucket, self._param_map(plan.bucket), update, 1.0)
+
+    def _grad(self, index: int) -> Tensor | None:
+        """Gradient of parameter ``index`` as the pipeline sees it (a distributor may substitute
+        a gathered full tensor for a sharded one)."""
+        if self._distributor is not None:
+            return self._distributor.grad(index)
+        return self._params[index].grad
+
+    def _param(self, index: int) -> Tensor:
+        if self._distributor is not None:
+            return self._distributor.param(index)
+        return self._params[index]
+
+    def shard(self, process_group: Any = None, **options: Any) -> None:
+        """Split the preconditioner blocks across the ranks of ``process_group``: each rank keeps
+        state for and computes only its blocks, and one all-gather shares the updates. See
+        :func:`lightning_shampoo.distributed.shard_optimizer` for the options."""
+        from .distributed import shard_optimizer
+
+        shard_optimizer(self, process_group, **options)
+
+    def _replan(self) -> None:
+        """Rebuild every group's buckets (after ``_owns`` or layout options changed)."""
+        for g, group in enumerate(self.param_groups):
+            self._plans[g] = self._make_plans(g, group, self._layouts[g])
 
     def _direction(
         self, plan: BucketPlan, state: dict, group: dict[str, Any], step: int, start: float, due: bool
     ) -> Tensor | None:
         """The search direction ``P`` of one bucket (zero rows for skipped blocks)."""
         bucket, opt = plan.bucket, state["opt"]
-        grads = {m.param.index: self._params[m.param.index].grad for m in bucket.members}
+        grads = {m.param.index: self._grad(m.param.index) for m in bucket.members}
         if all(g is None for g in grads.values()):
             return None
-        first = self._params[bucket.members[0].param.index]
+        first = self._param(bucket.members[0].param.index)
         dtype = torch.promote_types(first.dtype, torch.float32)
         grad = gather(bucket, grads, dtype=dtype, device=first.device)
         present = torch.ones(bucket.size, dtype=torch.bool, device=first.device)
         for m in bucket.members:
             if grads[m.param.index] is None:
                 present[m.offset : m.offset + m.region.count] = False
-        finite = torch.isfinite(grad).flatten(1).all(1)
+        finite = torch.isfinite(row_norms(grad))
         opt["nonfinite"] += (present & ~finite).to(torch.int32)
         alive = present & finite
-        grad = torch.where(per_block(alive, grad.ndim), grad, 0.0)
+        grad.masked_fill_(per_block(~alive, grad.ndim), 0.0)
         wd = group["weight_decay"]
         needs_params = wd != 0.0
         params = (
@@ -261,7 +327,7 @@ class Shampoo(torch.optim.Optimizer):
             else None
         )
         if params is not None and not group["use_decoupled_weight_decay"]:
-            grad = torch.where(per_block(alive, grad.ndim), grad + wd * params, 0.0)
+            grad.add_(params * per_block(alive.to(dtype), grad.ndim), alpha=wd)
         beta2 = group["betas"][1]
         ctx = Context(
             step=step,
@@ -278,8 +344,10 @@ class Shampoo(torch.optim.Optimizer):
             graft.update(graft_state, grad, ctx)
         requested = bucket.key in self._refresh_requests
         if kernel.amortized and (due or requested):
-            commit = torch.ones_like(alive) if due else opt["refresh_request"].clone()
-            self._refresh(plan, state, replace(ctx, warm=bool((opt["refresh_step"] >= 0).all())), commit)
+            commit = opt["refresh_request"].clone()
+            if due:
+                commit |= self._due_blocks(plan, state, ctx, group.get("refresh_tolerance"))
+            self._refresh(plan, state, ctx, commit)
         kernel.update_after_refresh(precond, grad, ctx)
 
         filtered = self._filtered_gradient(opt, grad, ctx, group, step)
@@ -292,8 +360,10 @@ class Shampoo(torch.optim.Optimizer):
             graft_direction = None
             if graft is not None:
                 graft_direction = graft.precondition(graft_state, filtered, ctx).to(dtype)
-                ratio = _block_norm(graft_direction) / (_block_norm(direction) + 1e-16)
-                direction = direction * per_block(ratio, direction.ndim)
+                ratio = row_norms(graft_direction) / (row_norms(direction) + 1e-16)
+                scale = per_block(ratio, direction.ndim)
+                # A kernel may return its input (SGD, no factor dims): never scale state in place.
+                direction = direction * scale if direction is filtered else direction.mul_(scale)
             if bucket.key in self._fallback_buckets:
                 mode = per_block(opt["fallback"], direction.ndim)
                 alternative = (
@@ -302,16 +372,18 @@ class Shampoo(torch.optim.Optimizer):
                     else torch.where(mode == FALLBACK_MODES["grafting"], graft_direction, filtered)
                 )
                 direction = torch.where(mode > 0, alternative, direction)
-        ok = alive & torch.isfinite(direction).flatten(1).all(1)
+        ok = alive & torch.isfinite(row_norms(direction))
         opt["failures"] += (alive & ~ok).to(torch.int32)
         direction = torch.where(per_block(ok, direction.ndim), direction, 0.0)
         if params is not None and group["use_decoupled_weight_decay"]:
-            direction = direction + wd * params
-        direction = self._momentum(opt, direction, ok, group, step)
-        return torch.where(per_block(ok, direction.ndim), direction, 0.0)
+            direction.add_(params * per_block(ok.to(dtype), direction.ndim), alpha=wd)
+        if group["momentum"] != 0.0:
+            direction = self._momentum(opt, direction, ok, group, step)
+            direction.masked_fill_(per_block(~ok, direction.ndim), 0.0)
+        return direction
 
-    def _param_map(self, bucket: Bucket) -> dict[int, Tensor | None]:
-        return {m.param.index: self._params[m.param.index] for m in bucket.members}
+    def _param_map(self, bucket: Bucket) -> dict[int, Tensor]:
+        return {m.param.index: self._param(m.param.index) for m in bucket.members}
 
     @staticmethod
     def _filtered_gradient(opt: dict, grad: Tensor, ctx: Context, group: dict[str, Any], step: int) -> Tensor:
@@ -332,29 +404,78 @@ class Shampoo(torch.optim.Optimizer):
 
     @staticmethod
     def _momentum(opt: dict, direction: Tensor, ok: Tensor, group: dict[str, Any], step: int) -> Tensor:
-        """Heavy-ball / Nesterov momentum as ``torch.optim.SGD`` (first step: buffer = direction)."""
+        """Heavy-ball / Nesterov momentum as ``torch.optim.SGD`` (first step: buffer = direction).
+        ``direction`` is zero on dead blocks (``ok`` false), whose buffer stays unchanged. In place."""
         mu = group["momentum"]
-        if mu == 0.0:
-            return direction
         if "momentum_buffer" not in opt:
             opt["momentum_buffer"] = direction.clone()
+            opt["momentum_started"] = ok.clone()
         else:
-            buffer = opt["momentum_buffer"]
-            new = buffer * mu + direction * (1.0 - group["dampening"])
-            commit_(buffer, new, ok)
+            keep = 1.0 - (1.0 - mu) * ok.to(direction.dtype)  # μ on live blocks, 1 on dead ones
+            buffer = opt["momentum_buffer"].mul_(per_block(keep, direction.ndim))
+            dampening = group["dampening"]
+            started = opt.setdefault("momentum_started", torch.ones_like(ok))
+            if dampening == 0.0:
+                buffer.add_(direction, alpha=1.0)
+            else:  # a block's first live step starts its (zero) buffer undamped, as torch.optim.SGD
+                weight = torch.where(started, 1.0 - dampening, 1.0).to(direction.dtype)
+                buffer.add_(direction * per_block(weight, direction.ndim))
+            started |= ok
         buffer = opt["momentum_buffer"]
-        return direction + mu * buffer if group["use_nesterov"] else buffer
+        if group["use_nesterov"]:
+            return direction.add_(buffer, alpha=mu)
+        return direction.copy_(buffer)
+
+    @staticmethod
+    def _due_blocks(plan: BucketPlan, state: dict, ctx: Context, tolerance: float | None) -> Tensor:
+        """Blocks to refresh on a scheduled refresh: all, or with ``refresh_tolerance`` set only
+        those whose factors drifted beyond it since their last refresh (and never-refreshed ones)."""
+        opt = state["opt"]
+        if tolerance is None:
+            return torch.ones_like(opt["refresh_request"])
+        drift = plan.kernel.drift(state["precond"], ctx)
+        if drift is None:
+            return torch.ones_like(opt["refresh_request"])
+        opt["drift"] = drift.float()
+        return (drift > tolerance) | (opt["refresh_step"] < 0)
 
     def _refresh(self, plan: BucketPlan, state: dict, ctx: Context, commit: Tensor) -> None:
-        opt = state["opt"]
+        """Refresh the committed rows only: a partial refresh runs the kernel on the selected
+        rows (gathered, then written back), so skipped blocks cost nothing. Synchronises."""
+        opt, precond = state["opt"], state["precond"]
         began = time.perf_counter()
-        result = plan.kernel.refresh(state["precond"], ctx, commit)
+        rows = commit.nonzero().flatten()
+        n, count = commit.numel(), rows.numel()
+        opt["refreshes"] = opt.get("refreshes", torch.zeros_like(opt["failures"])) + commit.to(torch.int32)
+        opt["refreshes_skipped"] = opt.get("refreshes_skipped", torch.zeros_like(opt["failures"])) + (
+            ~commit
+        ).to(torch.int32)
+        if count == 0:
+            return
+        warm = bool((opt["refresh_step"][rows] >= 0).all())
+        if count == n:
+            result = plan.kernel.refresh(precond, replace(ctx, warm=warm), commit)
+            failed, stats_list = result.failed, result.stats
+        else:
+            subset = {k: v[rows] for k, v in precond.items()}
+            scale = None if ctx.epsilon_scale is None else ctx.epsilon_scale[rows]
+            sub_ctx = replace(ctx, live=ctx.live[rows], epsilon_scale=scale, warm=warm)
+            result = plan.kernel.refresh(subset, sub_ctx, torch.ones_like(rows, dtype=torch.bool))
+            for key, value in subset.items():
+                if key not in precond:  # created by this refresh
+                    precond[key] = torch.zeros((n, *value.shape[1:]), dtype=value.dtype, device=value.device)
+                precond[key][rows] = value
+            failed = torch.zeros_like(commit)
+            failed[rows] = result.failed
+            stats_list = tuple(
+                None if s is None else type(s)(*(_expand(t, rows, n) for t in s)) for s in result.stats
+            )
         self._refresh_clock += time.perf_counter() - began
-        ok = commit & ~result.failed
+        ok = commit & ~failed
         opt["refresh_step"].copy_(torch.where(ok, ctx.step, opt["refresh_step"]))
-        opt["failures"] += result.failed.to(torch.int32)
+        opt["failures"] += failed.to(torch.int32)
         opt["refresh_request"] &= ~commit
-        for i, stats in zip(plan.kernel.factor_dims, result.stats):
+        for i, stats in zip(plan.kernel.factor_dims, stats_list):
             if stats is None:
                 continue
             commit_(opt[f"condition_number.{i}"], stats.condition_number.float(), ok)
@@ -419,9 +540,17 @@ class Shampoo(torch.optim.Optimizer):
         for plan in self.plans:
             if plan.bucket.key not in self.state:
                 continue
-            opt = {k: v.detach().cpu() for k, v in self.state[plan.bucket.key]["opt"].items()}  # type: ignore[index]
+            bucket_state = self.state[plan.bucket.key]  # type: ignore[index]
+            opt = {k: v.detach().cpu() for k, v in bucket_state["opt"].items()}
             step = int(self.param_groups[plan.bucket.group].get("step", 0))
             dims = plan.kernel.factor_dims
+            tracked = plan.kernel.health_stats(bucket_state["precond"])
+            if tracked is not None:
+                for i, stats in zip(dims, tracked):
+                    if stats is not None:
+                        opt[f"condition_number.{i}"] = stats.condition_number.detach().float().cpu()
+                        opt[f"min_eigenvalue.{i}"] = stats.min_eigenvalue.detach().float().cpu()
+                        opt[f"max_eigenvalue.{i}"] = stats.max_eigenvalue.detach().float().cpu()
             for row, (pidx, bidx) in enumerate(plan.bucket.rows()):
                 fallback = _FALLBACK_NAMES[int(opt["fallback"][row])]
                 records.append(
@@ -441,6 +570,10 @@ class Shampoo(torch.optim.Optimizer):
                         nonfinite_count=int(opt["nonfinite"][row]),
                         fallback=fallback,
                         epsilon_scale=float(opt["epsilon_scale"][row]),
+                        refreshes=int(opt["refreshes"][row]) if "refreshes" in opt else 0,
+                        skipped_refreshes=int(opt["refreshes_skipped"][row])
+                        if "refreshes_skipped" in opt
+                        else 0,
                     )
                 )
         return records
@@ -457,5 +590,8 @@ class Shampoo(torch.optim.Optimizer):
         self._sync_fallback_flags()
 
 
-def _block_norm(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x.flatten(1), dim=1)
+def _expand(values: Tensor, rows: Tensor, n: int) -> Tensor:
+    """Scatter per-row values of a partial refresh back to all ``n`` rows (nan elsewhere)."""
+    out = torch.full((n, *values.shape[1:]), math.nan, dtype=values.dtype, device=values.device)
+    out[rows] = values
+    return out

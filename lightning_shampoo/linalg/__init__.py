@@ -1,6 +1,7 @@
 """Pure numerical kernels on batched ``[..., d, d]`` tensors: no optimizer state, no Lightning."""
 
 from .eigh import DEFAULT_JITTERS, EighResult, safe_eigh
+from .elementwise import stable_pow
 from .orthogonal import (
     NEWTON_SCHULZ_COEFFICIENTS,
     OrthogonalIterationResult,
@@ -8,6 +9,16 @@ from .orthogonal import (
     orthogonal_iteration,
     rayleigh_quotients,
     svd_orthogonalize,
+)
+from .psgd import (
+    balance_factors,
+    lipschitz_update,
+    procrustes_step,
+    smallest_singular_value_estimate,
+    spectral_norm_lower_bound,
+    update_eq,
+    update_q0p5eq1p5,
+    update_quad,
 )
 from .roots import (
     NewtonResult,
@@ -26,13 +37,22 @@ __all__ = [
     "OrthogonalIterationResult",
     "RootResult",
     "SpectrumStats",
+    "balance_factors",
     "coupled_newton_inverse_root",
     "inverse_root_from_eigh",
+    "lipschitz_update",
     "matrix_inverse_root",
     "newton_schulz",
     "orthogonal_iteration",
+    "procrustes_step",
     "rayleigh_quotients",
     "safe_eigh",
+    "smallest_singular_value_estimate",
+    "spectral_norm_lower_bound",
     "spectrum_stats",
+    "stable_pow",
     "svd_orthogonalize",
+    "update_eq",
+    "update_q0p5eq1p5",
+    "update_quad",
 ]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .eigh import safe_eigh
+from .elementwise import stable_pow
 
 __all__ = [
     "NewtonResult",
@@ -41,7 +42,7 @@ def inverse_root_from_eigh(
     """
     lam = eigenvalues.clamp_min(0.0)
     eps = _per_matrix(epsilon, lam)
-    scaled = (lam + eps).pow(-exponent)
+    scaled = stable_pow(lam + eps, -exponent)
     if pseudo_inverse:
         rtol = rank_rtol if rank_rtol is not None else lam.shape[-1] * torch.finfo(lam.dtype).eps
         keep = lam > rtol * lam.amax(-1, keepdim=True)
@@ -105,16 +106,21 @@ def coupled_newton_inverse_root(
     a = matrices + (eps[..., None, None] if eps.ndim > 0 else eps) * eye
     norm = torch.linalg.matrix_norm(a, "fro").clamp_min(torch.finfo(a.dtype).tiny)
     z = ((root + 1) / (2.0 * norm))[..., None, None]
-    x = z.pow(1.0 / root) * eye
+    x = stable_pow(z, 1.0 / root) * eye
     m = z * a
     residual = (m - eye).abs().amax((-1, -2))
+    # A matrix stops iterating once it has converged (or diverged), whatever its batch
+    # neighbours do: its result must not depend on which batch it was computed in.
+    active = torch.ones_like(residual, dtype=torch.bool)
     for iteration in range(1, max_iterations + 1):
         t = ((root + 1) * eye - m) / root
-        x = x @ t
-        m = torch.linalg.matrix_power(t, root) @ m
+        keep = active[..., None, None]
+        x = torch.where(keep, x @ t, x)
+        m = torch.where(keep, torch.linalg.matrix_power(t, root) @ m, m)
         if iteration % check_every == 0 or iteration == max_iterations:
             residual = (m - eye).abs().amax((-1, -2))
-            if bool((residual < tolerance).logical_or(~torch.isfinite(residual)).all()):
+            active &= (residual >= tolerance) & torch.isfinite(residual)
+            if not bool(active.any()):
                 break
     failed = (
         ~torch.isfinite(residual) | (residual > max(tolerance, 1e-3)) | ~torch.isfinite(x).flatten(-2).all(-1)

@@ -24,6 +24,11 @@ from .diagonal import (
     RMSpropPreconditionerConfig,
     SGDPreconditionerConfig,
 )
+from .psgd_kron import (
+    PSGDKronPreconditioner,
+    PSGDKronPreconditionerConfig,
+    PSGDUpdateProbabilitySchedule,
+)
 from .shampoo import (
     EigendecomposedShampooPreconditionerConfig,
     KLShampooPreconditioner,
@@ -45,6 +50,8 @@ __all__ = [
     "EighEigendecompositionConfig",
     "KLShampooPreconditionerConfig",
     "NewtonSchulzOrthogonalizationConfig",
+    "PSGDKronPreconditionerConfig",
+    "PSGDUpdateProbabilitySchedule",
     "Preconditioner",
     "PreconditionerConfig",
     "QREigendecompositionConfig",
@@ -69,6 +76,7 @@ GRAFTING_CONFIGS = (
 
 _REGISTRY: list[tuple[type[PreconditionerConfig], type[Preconditioner]]] = [
     (KLShampooPreconditionerConfig, KLShampooPreconditioner),
+    (PSGDKronPreconditionerConfig, PSGDKronPreconditioner),
     (RootInvShampooPreconditionerConfig, ShampooPreconditioner),
     (EigendecomposedShampooPreconditionerConfig, ShampooPreconditioner),
     (EigenvalueCorrectedShampooPreconditionerConfig, SOAPPreconditioner),

@@ -61,11 +61,13 @@ class Context:
             return 1.0 - self.beta2**self.step
         return 1.0
 
-    def block_epsilon(self) -> Tensor | float:
-        """Per-block damping for refreshes: ``epsilon`` times the block's retry scale."""
+    def block_epsilon(self, dtype: torch.dtype | None = None) -> Tensor | float:
+        """Per-block damping for refreshes: ``epsilon`` times the block's retry scale, formed in
+        ``dtype`` (the statistics' precision: a float32 product would round a float64 epsilon)."""
         if self.epsilon_scale is None:
             return self.epsilon
-        return self.epsilon * self.epsilon_scale
+        scale = self.epsilon_scale if dtype is None else self.epsilon_scale.to(dtype)
+        return self.epsilon * scale
 
 
 class RefreshResult(NamedTuple):
@@ -83,17 +85,41 @@ def per_block(values: Tensor, ndim: int) -> Tensor:
 def ema_(state: Tensor, new: Tensor, beta: float, live: Tensor) -> None:
     """``state ← β·state + (1-β)·new`` on live blocks, unchanged elsewhere; ``β = 1`` sums.
 
-    Blocks whose ``new`` is not finite (overflow of a finite gradient) are left unchanged too,
-    so no statistic ever holds a non-finite value.
+    Contract: ``new`` is zero on dead blocks (the pipeline zeroes their gradient), so sums need
+    no mask; the EMA masks its weight. In place, no temporaries of the state's size.
     """
     new = new.to(state.dtype)
-    finite = torch.isfinite(new).flatten(1).all(1) if new.ndim > 1 else torch.isfinite(new)
-    w = per_block(live.to(state.dtype) * finite, state.ndim)
-    new = torch.where(w > 0, new, 0.0)
     if beta == 1.0:
-        state.add_(new * w)
+        state.add_(new)
     else:
-        state.lerp_(new, w * (1.0 - beta))
+        state.lerp_(new, per_block(live.to(state.dtype), state.ndim) * (1.0 - beta))
+
+
+def accumulate_outer_(factor: Tensor, x: Tensor, dim: int, beta: float, live: Tensor) -> None:
+    """``factor ← β·factor + (1-β)·X₍dim₎X₍dim₎ᵀ`` in place (one fused ``baddbmm``), dead blocks
+    (zero ``x``, ``live = 0``) unchanged."""
+    x = x.to(factor.dtype)
+    if x.ndim == 3:
+        left, right = (x, x.mT) if dim == 0 else (x.mT, x)
+    else:
+        moved = x.movedim(dim + 1, 1).reshape(x.shape[0], x.shape[dim + 1], -1)
+        left, right = moved, moved.mT
+    if beta == 1.0:
+        factor.baddbmm_(left, right)
+    else:
+        keep = 1.0 - (1.0 - beta) * live.to(factor.dtype)  # β on live blocks, 1 on dead ones
+        factor.mul_(per_block(keep, factor.ndim))
+        if left.shape[-1] == 1:  # rank one (1-D blocks): CPU baddbmm with alpha rounds differently
+            factor.add_(left * right, alpha=1.0 - beta)  # for a batch of one; bucketed == per-block
+        else:
+            factor.baddbmm_(left, right, alpha=1.0 - beta)
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """Per-block Frobenius norm ``[n]``. Non-finite (NaN, inf, or ``‖x‖² ≥ 3.4e38`` overflow in
+    fp32) exactly when some outer product or square of ``x`` could be — one fused reduction,
+    far cheaper than an elementwise ``isfinite``."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
 
 
 def commit_(target: Tensor, new: Tensor, ok: Tensor) -> None:
@@ -135,6 +161,23 @@ def outer_products(x: Tensor, dim: int) -> Tensor:
         return x @ x.mT if dim == 0 else x.mT @ x
     moved = x.movedim(dim + 1, 1).reshape(x.shape[0], x.shape[dim + 1], -1)
     return moved @ moved.mT
+
+
+def eigenbasis_drift(factor: Tensor, basis: Tensor) -> Tensor:
+    """Off-diagonal mass ``‖offdiag(QᵀLQ)‖_F / ‖QᵀLQ‖_F`` per block: 0 while ``Q`` still
+    diagonalises ``L``, growing as ``L`` drifts from the factor ``Q`` was computed from."""
+    rotated = basis.mT @ factor.to(basis.dtype) @ basis
+    total = torch.linalg.matrix_norm(rotated)
+    diagonal = torch.linalg.vector_norm(rotated.diagonal(dim1=-2, dim2=-1), dim=-1)
+    off = (total.square() - diagonal.square()).clamp_min(0.0).sqrt()
+    return off / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def relative_change(current: Tensor, reference: Tensor) -> Tensor:
+    """``‖current - reference‖_F / ‖reference‖_F`` per block (``inf`` for a zero reference)."""
+    difference = torch.linalg.matrix_norm((current - reference).to(torch.float32))
+    base = torch.linalg.matrix_norm(reference.to(torch.float32))
+    return torch.where(base > 0, difference / base.clamp_min(torch.finfo(base.dtype).tiny), torch.inf)
 
 
 def resolve_exponent(override: Mapping[int, Any], order: int, dim: int, default: float) -> float:
@@ -193,3 +236,13 @@ class Preconditioner:
 
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
         return grad
+
+    def drift(self, state: dict[str, Tensor], ctx: Context) -> Tensor | None:
+        """Per-block relative drift ``[n]`` of the statistics since the last refresh, used to skip
+        refreshes that would change little; ``None``: unknown (always refresh)."""
+        return None
+
+    def health_stats(self, state: dict[str, Tensor]) -> tuple[SpectrumStats | None, ...] | None:
+        """Per-factor spectrum figures the kernel tracks itself (read lazily by ``health()``);
+        ``None`` means the optimizer's refresh-time records apply."""
+        return None

@@ -88,8 +88,8 @@ class DiagonalPreconditioner(Preconditioner):
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
         if self.kind == "sgd":
             return grad
-        v = state["second_moment"]
-        denom = v.sqrt()
+        denom = state["second_moment"].sqrt()  # the only temporary: the rest works in place
         if self.kind == "adam" and ctx.use_bias_correction:
-            denom = denom / (1.0 - self.config.beta2**ctx.step) ** 0.5  # type: ignore[attr-defined]
-        return grad / denom.add_(self.config.epsilon)  # type: ignore[attr-defined]
+            denom.div_((1.0 - self.config.beta2**ctx.step) ** 0.5)  # type: ignore[attr-defined]
+        denom.add_(self.config.epsilon)  # type: ignore[attr-defined]
+        return torch.div(grad, denom, out=denom)

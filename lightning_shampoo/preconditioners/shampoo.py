@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -39,12 +39,15 @@ from .base import (
     Preconditioner,
     PreconditionerConfig,
     RefreshResult,
+    accumulate_outer_,
     apply_along_dims,
     check_dtype,
     commit_,
+    eigenbasis_drift,
     ema_,
     identity,
-    outer_products,
+    per_block,
+    relative_change,
     resolve_exponent,
 )
 
@@ -197,7 +200,7 @@ class ShampooPreconditioner(Preconditioner):
         for i in self.factor_dims:
             factor = state[f"factor.{i}"]
             x = self.transform_grad_for_outer_product(state, grad, i, ctx).to(factor.dtype)
-            ema_(factor, outer_products(x, i), ctx.beta2, ctx.live)
+            accumulate_outer_(factor, x, i, ctx.beta2, ctx.live)
 
     def _eigen_refresh(self, state: dict[str, Tensor], i: int, matrix: Tensor, ctx: Context):
         cfg = self.config
@@ -207,7 +210,7 @@ class ShampooPreconditioner(Preconditioner):
 
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
         amortized = getattr(self.config, "amortized_computation_config", None)
-        eps = ctx.block_epsilon()
+        eps = ctx.block_epsilon(getattr(self.config, "factor_matrix_dtype", None))
         bc2 = ctx.bias_correction2
         block_failed = torch.zeros_like(commit)
         stats: list[SpectrumStats | None] = []
@@ -245,11 +248,36 @@ class ShampooPreconditioner(Preconditioner):
                     commit_(state[f"eigenvectors.{i}"], vectors, ok)
                     commit_(state[f"eigenvalues.{i}"], values * bc2, ok)
             commit_(state[root_key], root, commit & ~failed)
+            if f"reference.{i}" in state:  # snapshot for drift(); see there
+                commit_(state[f"reference.{i}"], matrix, commit & ~failed)  # bias-corrected
             block_failed |= failed & commit
         return RefreshResult(block_failed, tuple(stats))
 
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
         return apply_along_dims(grad, {i: state[f"root.{i}"] for i in self.factor_dims})
+
+    def drift(self, state: dict[str, Tensor], ctx: Context) -> Tensor | None:
+        """Eigendecomposed: off-diagonal mass of each factor in its stored eigenbasis. Root-inverse
+        keeps no basis, so it compares with a snapshot of the factor taken at refresh — created on
+        first use (returning ``None``, i.e. refresh everything, that once) to cost no memory
+        unless ``refresh_tolerance`` is in use."""
+        if not self.factor_dims:
+            return None
+        if self.eigendecomposed:
+            drifts = [
+                eigenbasis_drift(state[f"factor.{i}"], state[f"eigenvectors.{i}"]) for i in self.factor_dims
+            ]
+        else:
+            missing = [i for i in self.factor_dims if f"reference.{i}" not in state]
+            for i in missing:
+                state[f"reference.{i}"] = torch.zeros_like(state[f"factor.{i}"])
+            if missing:
+                return None
+            drifts = [
+                relative_change(state[f"factor.{i}"] / ctx.bias_correction2, state[f"reference.{i}"])
+                for i in self.factor_dims
+            ]
+        return torch.stack(drifts).amax(0)
 
 
 class KLShampooPreconditioner(ShampooPreconditioner):
@@ -287,10 +315,25 @@ class KLShampooPreconditioner(ShampooPreconditioner):
 
     def _correct_eigenvalues(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
         """``λᵢ ← β₂λᵢ + (1-β₂)·diag(Qᵢᵀ G (⊗ⱼ≠ᵢ Lⱼ⁻¹) Gᵀ Qᵢ)/Πⱼ≠ᵢdⱼ`` in the last eigenbases."""
-        bc2, eps = ctx.bias_correction2, ctx.epsilon
+        bc2 = ctx.bias_correction2
+        eps = ctx.block_epsilon(getattr(self.config, "factor_matrix_eigenvalues_dtype", None))
+        # The stored eigenvalues still describe the previous step's factors (as do the roots the
+        # factor update just used), so they take that step's bias correction, not this one's.
+        previous_bc2 = replace(ctx, step=max(ctx.step - 1, 1)).bias_correction2
+        eps_column = eps.unsqueeze(-1) if isinstance(eps, Tensor) else eps
         bases = {i: state[f"eigenvectors.{i}"] for i in self.factor_dims}
         energy = apply_along_dims(grad, bases, transpose=True).square()
-        inverse = {j: 1.0 / (state[f"eigenvalues.{j}"] / bc2 + eps) for j in self.factor_dims}
+        options = getattr(self.config, "amortized_computation_config", None)
+        pseudo_inverse = getattr(options, "pseudo_inverse", False)
+        rank_rtol = getattr(options, "rank_rtol", None)
+        inverse = {}
+        for j in self.factor_dims:
+            lam = (state[f"eigenvalues.{j}"] / previous_bc2).clamp_min(0.0)
+            inv = (lam + eps_column).reciprocal()
+            if pseudo_inverse:  # as the refresh's root: zero on the numerical null space (ε may be 0)
+                rtol = rank_rtol if rank_rtol is not None else lam.shape[-1] * torch.finfo(lam.dtype).eps
+                inv = torch.where(lam > rtol * lam.amax(-1, keepdim=True), inv, 0.0)
+            inverse[j] = inv
         live = ctx.live * state["refreshed"].to(ctx.live.dtype)
         order = self.order
         for i in self.factor_dims:
@@ -301,13 +344,23 @@ class KLShampooPreconditioner(ShampooPreconditioner):
                     shape[j + 1] = inv.shape[1]
                     x = x * inv.view(shape).to(x.dtype)
             scale = math.prod(self.block_shape[j] for j in range(order) if j != i)
-            estimate = x.sum(dim=[d + 1 for d in range(order) if d != i]) / scale
+            summed = [d + 1 for d in range(order) if d != i]
+            # sum(dim=[]) would reduce over every dim (mixing the bucket's blocks): 1-D blocks skip it.
+            estimate = (x.sum(dim=summed) if summed else x) / scale
+            estimate = torch.where(per_block(live > 0, estimate.ndim), estimate, 0.0)  # sums (β₂=1) too
             ema_(state[f"eigenvalues.{i}"], estimate, ctx.beta2, live)
         refreshed = state["refreshed"]
         for i, alpha in self.exponents.items():
             values = state[f"eigenvalues.{i}"] / bc2
             vectors = bases[i]
-            root = inverse_root_from_eigh(values.to(vectors.dtype), vectors, alpha, eps)
+            root = inverse_root_from_eigh(
+                values.to(vectors.dtype),
+                vectors,
+                alpha,
+                eps,
+                pseudo_inverse=pseudo_inverse,
+                rank_rtol=rank_rtol,
+            )
             commit_(state[f"root.{i}"], root, refreshed)
 
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..linalg import spectrum_stats
+from ..linalg import spectrum_stats, stable_pow
 from .amortized import (
     EigendecompositionConfig,
     EighEigendecompositionConfig,
@@ -29,12 +29,13 @@ from .base import (
     Preconditioner,
     PreconditionerConfig,
     RefreshResult,
+    accumulate_outer_,
     apply_along_dims,
     check_dtype,
     commit_,
+    eigenbasis_drift,
     ema_,
     identity,
-    outer_products,
 )
 
 __all__ = ["EigenvalueCorrectedShampooPreconditionerConfig", "SOAPPreconditioner"]
@@ -117,7 +118,7 @@ class SOAPPreconditioner(Preconditioner):
     def update(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
         for i in self.basis_dims:
             factor = state[f"factor.{i}"]
-            ema_(factor, outer_products(grad.to(factor.dtype), i), ctx.beta2, ctx.live)
+            accumulate_outer_(factor, grad, i, ctx.beta2, ctx.live)
 
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
         bc2 = ctx.bias_correction2
@@ -141,6 +142,13 @@ class SOAPPreconditioner(Preconditioner):
             block_failed |= failed & commit
         return RefreshResult(block_failed, tuple(stats))
 
+    def drift(self, state: dict[str, Tensor], ctx: Context) -> Tensor | None:
+        """Off-diagonal mass of each factor in the stored eigenbasis (0 while it still diagonalises)."""
+        if not self.basis_dims:
+            return None
+        drifts = [eigenbasis_drift(state[f"factor.{i}"], state[f"eigenvectors.{i}"]) for i in self.basis_dims]
+        return torch.stack(drifts).amax(0)
+
     def update_after_refresh(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
         rotated = apply_along_dims(grad, self._bases(state), transpose=True)
         ema_(state["corrected_eigenvalues"], rotated.square(), ctx.beta2, ctx.live)
@@ -149,7 +157,5 @@ class SOAPPreconditioner(Preconditioner):
         bases = self._bases(state)
         rotated = apply_along_dims(grad, bases, transpose=True)
         second = state["corrected_eigenvalues"] / ctx.bias_correction2
-        scaled = rotated / (second.pow(self.exponent) if self.exponent != 0.5 else second.sqrt()).add_(
-            ctx.epsilon
-        )
+        scaled = rotated / stable_pow(second, self.exponent).add_(ctx.epsilon)
         return apply_along_dims(scaled, bases)

@@ -1,0 +1,223 @@
+"""SOAP (eigenvalue-corrected Shampoo) against Adam and closed forms.
+
+* identity eigenbasis (no refresh ever, or every dim's basis change ignored) ⇒ exactly Adam/AdamW;
+* a QR refresh that re-sorts the basis columns permutes the second moment with them, so the
+  preconditioned direction of a fixed gradient does not change when the basis is already exact;
+* in an exact, known eigenbasis SOAP is diagonal Adam on the singular values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from helpers import assert_same_parameters, side_by_side
+from torch import Tensor, nn
+
+import lightning_shampoo.preconditioners.amortized as amortized
+from lightning_shampoo import (
+    EigenvalueCorrectedShampooPreconditionerConfig,
+    EighEigendecompositionConfig,
+    QREigendecompositionConfig,
+    Shampoo,
+)
+from lightning_shampoo.preconditioners import Context
+from lightning_shampoo.preconditioners.soap import SOAPPreconditioner
+
+F64 = torch.float64
+SOAP64 = dict(
+    factor_matrix_dtype=F64,
+    factor_matrix_eigenvectors_dtype=F64,
+    corrected_eigenvalues_dtype=F64,
+)
+
+
+def _orthogonal(d: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _soap(model: nn.Module, config: Any, weight_decay: float, decoupled: bool, **kwargs: Any) -> Shampoo:
+    return Shampoo(
+        model.parameters(),
+        lr=0.01,
+        betas=(0.8, 0.95),
+        epsilon=1e-6,
+        weight_decay=weight_decay,
+        use_decoupled_weight_decay=decoupled,
+        max_preconditioner_dim=8,
+        grafting_config=None,
+        preconditioner_config=config,
+        **kwargs,
+    )
+
+
+ADAM_CASES = {
+    "adam": (0.0, False, torch.optim.Adam),
+    "adam_l2": (0.1, False, torch.optim.Adam),
+    "adamw": (0.1, True, torch.optim.AdamW),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAM_CASES))
+def test_identity_basis_is_adam(case: str) -> None:
+    """Never refreshed, the basis stays the identity: SOAP is Adam (L2) / AdamW (decoupled)."""
+    weight_decay, decoupled, reference = ADAM_CASES[case]
+    config = EigenvalueCorrectedShampooPreconditionerConfig()
+    ours, ref = side_by_side(
+        lambda m: _soap(m, config, weight_decay, decoupled, start_preconditioning_step=math.inf),
+        lambda m: reference(m.parameters(), lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay),
+    )
+    assert_same_parameters(ours, ref)
+
+
+@pytest.mark.parametrize(
+    "amortized_config",
+    [EighEigendecompositionConfig(), QREigendecompositionConfig()],
+    ids=["eigh", "qr"],
+)
+@pytest.mark.parametrize("case", ["adam_l2", "adamw"])
+def test_all_basis_changes_ignored_is_adam_while_refreshing(case: str, amortized_config: Any) -> None:
+    weight_decay, decoupled, reference = ADAM_CASES[case]
+    config = EigenvalueCorrectedShampooPreconditionerConfig(
+        amortized_computation_config=amortized_config,
+        ignored_basis_change_dims={1: [0], 2: [0, 1], 3: [0, 1, 2]},
+    )
+    optimizers: list[Shampoo] = []
+
+    def make(m: nn.Module) -> Shampoo:
+        optimizers.append(_soap(m, config, weight_decay, decoupled, precondition_frequency=1))
+        return optimizers[-1]
+
+    ours, ref = side_by_side(
+        make,
+        lambda m: reference(m.parameters(), lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay),
+    )
+    assert_same_parameters(ours, ref)
+    # Refreshes did run (every step), on 1-, 2- and 3-D blocks.
+    records = optimizers[0].health()
+    assert {r.last_refresh_step for r in records} == {20}
+    assert {len(r.shape) for r in records} == {1, 2, 3}
+
+
+# ------------------------------------------------------------------ QR refresh permutes the moment
+
+
+def _scrambled_state(seed: int = 0) -> tuple[SOAPPreconditioner, dict[str, Tensor], Tensor, list[Tensor]]:
+    """A SOAP bucket (2 blocks of 5x4) whose stored bases are exact eigenvectors of its factors in
+    scrambled column order, with a nonzero, non-uniform second moment."""
+    config = EigenvalueCorrectedShampooPreconditionerConfig(
+        amortized_computation_config=QREigendecompositionConfig(sort_eigenvectors=True), **SOAP64
+    )
+    shape = (5, 4)
+    kernel = SOAPPreconditioner(config, shape, "test")
+    n = 2
+    state = kernel.init_state(n, torch.device("cpu"), F64)
+    g = torch.Generator().manual_seed(seed)
+    sorted_bases = []
+    for i, d in enumerate(shape):
+        bases, factors, sorted_ = [], [], []
+        for b in range(n):
+            q = _orthogonal(d, seed=10 * i + b)
+            values = torch.arange(1.0, d + 1, dtype=F64) * (2.0 + b)  # distinct eigenvalues
+            factors.append((q * values) @ q.mT)
+            perm = torch.randperm(d, generator=g)
+            while bool((perm == torch.arange(d)).all()) or bool((perm == torch.arange(d).flip(0)).all()):
+                perm = torch.randperm(d, generator=g)
+            bases.append(q[:, perm])
+            sorted_.append(q.flip(-1))  # columns by descending eigenvalue
+        state[f"factor.{i}"] = torch.stack(factors)
+        state[f"eigenvectors.{i}"] = torch.stack(bases)
+        sorted_bases.append(torch.stack(sorted_))
+    state["corrected_eigenvalues"] = torch.rand(n, *shape, generator=g, dtype=F64) + 0.1
+    grad = torch.randn(n, *shape, generator=g, dtype=F64)
+    return kernel, state, grad, sorted_bases
+
+
+def _refreshed_direction(
+    kernel: SOAPPreconditioner, state: dict[str, Tensor], grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    ctx = Context(step=7, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(2, dtype=F64))
+    before = kernel.precondition(state, grad, ctx)
+    result = kernel.refresh(state, Context(**{**ctx.__dict__, "warm": True}), torch.ones(2, dtype=torch.bool))
+    assert not bool(result.failed.any())
+    return before, kernel.precondition(state, grad, ctx)
+
+
+def test_qr_refresh_sorts_columns_and_permutes_second_moment() -> None:
+    kernel, state, grad, sorted_bases = _scrambled_state()
+    scrambled = [state[f"eigenvectors.{i}"].clone() for i in range(2)]
+    before, after = _refreshed_direction(kernel, state, grad)
+    for i in range(2):
+        vectors = state[f"eigenvectors.{i}"]
+        # The columns were reordered (by descending eigenvalue): equal to the sorted basis up to signs.
+        assert (vectors - scrambled[i]).abs().amax() > 0.1
+        torch.testing.assert_close(vectors.abs(), sorted_bases[i].abs(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-12)
+
+
+def test_qr_refresh_without_permuting_the_moment_would_change_the_direction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The property above has teeth: dropping the permutation (as Distributed Shampoo's QR path
+    does) changes the direction of the same gradient by a lot."""
+    original = amortized.orthogonal_iteration
+
+    def forgetful(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **kwargs)._replace(permutation=None)
+
+    monkeypatch.setattr(amortized, "orthogonal_iteration", forgetful)
+    kernel, state, grad, _ = _scrambled_state()
+    before, after = _refreshed_direction(kernel, state, grad)
+    assert (after - before).norm() > 0.1 * before.norm()
+
+
+# ------------------------------------------------------------------- exact, known eigenbasis
+
+
+@pytest.mark.parametrize("amortized_config", [EighEigendecompositionConfig(), QREigendecompositionConfig()])
+def test_known_eigenbasis_soap_is_adam_on_singular_values(amortized_config: Any) -> None:
+    """``G_t = U diag(s_t) Vᵀ`` with fixed ``U, V``: the factors' eigenbases are ``U`` and ``V`` and
+    SOAP's update is ``-lr · U diag(Adam(s_t)) Vᵀ`` with Adam applied to the vectors ``s_t``."""
+    # epsilon well above round-off: entries that are zero in the exact basis carry ~1e-16 of noise
+    # in both moments, and Adam maps noise/(|noise| + epsilon) — ~1e-10 here.
+    d, lr, (beta1, beta2), eps = 5, 0.1, (0.9, 0.95), 1e-6
+    u, v = _orthogonal(d, 1), _orthogonal(d, 2)
+    param = nn.Parameter(torch.zeros(d, d, dtype=F64))
+    config = EigenvalueCorrectedShampooPreconditionerConfig(
+        amortized_computation_config=amortized_config, **SOAP64
+    )
+    optimizer = Shampoo(
+        [param], lr=lr, betas=(beta1, beta2), epsilon=eps, use_merge_dims=False, preconditioner_config=config
+    )
+    g = torch.Generator().manual_seed(3)
+    m = torch.zeros(d, dtype=F64)
+    second = torch.zeros(d, dtype=F64)
+    for t in range(1, 7):
+        # Distinct singular values whose order never changes (so eigh never reorders the basis).
+        s = torch.arange(1.0, d + 1, dtype=F64) + 0.4 * torch.rand(d, generator=g, dtype=F64)
+        s = s * (1.0 + t % 3)
+        param.grad = (u * s) @ v.mT
+        before = param.detach().clone()
+        optimizer.step()
+        m = beta1 * m + (1 - beta1) * s
+        second = beta2 * second + (1 - beta2) * s * s
+        adam = (m / (1 - beta1**t)) / ((second / (1 - beta2**t)).sqrt() + eps)
+        torch.testing.assert_close(param.detach() - before, -lr * (u * adam) @ v.mT, rtol=1e-7, atol=1e-8)
+    state = next(iter(optimizer.state.values()))["precond"]
+    for i, q in enumerate((u, v)):
+        # Stored bases are U and V up to column order and signs: |basisᵀ q| is a permutation matrix.
+        overlap = (state[f"eigenvectors.{i}"][0].mT @ q).abs()
+        torch.testing.assert_close(overlap.amax(0), torch.ones(d, dtype=F64), rtol=0, atol=1e-8)
+        torch.testing.assert_close(overlap.sum(0), torch.ones(d, dtype=F64), rtol=0, atol=1e-6)
+        # eigh stores ascending eigenvalues; QR refreshes re-sort them descending, so the steps
+        # above went through a (reversing) permutation of the second moment.
+        order = overlap.argmax(1)
+        ascending = torch.arange(d)
+        expected = (
+            ascending if isinstance(amortized_config, EighEigendecompositionConfig) else ascending.flip(0)
+        )
+        assert order.tolist() == expected.tolist()
