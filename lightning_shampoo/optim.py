@@ -14,19 +14,19 @@ Argument names, defaults and semantics follow Meta's Distributed Shampoo.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _checkpoint
+from ._refresh import due_blocks, refresh_bucket
 from ._validation import validate_group
 from .blocking import Bucket, ParamLayout, build_buckets, gather, layout_param, scatter_add_
-from .health import BlockHealth
+from .health import FALLBACK_NAMES, BlockHealth, collect_health
 from .preconditioners import (
     Context,
     Preconditioner,
@@ -35,13 +35,12 @@ from .preconditioners import (
     SpectralDescentPreconditionerConfig,
     make_preconditioner,
 )
-from .preconditioners.base import commit_, ema_, per_block, row_norms
+from .preconditioners.base import ema_, per_block, row_norms
 
 __all__ = ["FALLBACK_MODES", "Shampoo"]
 
 #: Per-block fallback modes: what a block uses instead of its preconditioner.
-FALLBACK_MODES = {None: 0, "sgd": 1, "grafting": 2}
-_FALLBACK_NAMES = {v: k for k, v in FALLBACK_MODES.items()}
+FALLBACK_MODES = {name: code for code, name in FALLBACK_NAMES.items()}
 
 
 @dataclass
@@ -346,8 +345,8 @@ class Shampoo(torch.optim.Optimizer):
         if kernel.amortized and (due or requested):
             commit = opt["refresh_request"].clone()
             if due:
-                commit |= self._due_blocks(plan, state, ctx, group.get("refresh_tolerance"))
-            self._refresh(plan, state, ctx, commit)
+                commit |= due_blocks(plan, state, ctx, group.get("refresh_tolerance"))
+            self._refresh_clock += refresh_bucket(plan, state, ctx, commit)
         kernel.update_after_refresh(precond, grad, ctx)
 
         filtered = self._filtered_gradient(opt, grad, ctx, group, step)
@@ -426,62 +425,6 @@ class Shampoo(torch.optim.Optimizer):
             return direction.add_(buffer, alpha=mu)
         return direction.copy_(buffer)
 
-    @staticmethod
-    def _due_blocks(plan: BucketPlan, state: dict, ctx: Context, tolerance: float | None) -> Tensor:
-        """Blocks to refresh on a scheduled refresh: all, or with ``refresh_tolerance`` set only
-        those whose factors drifted beyond it since their last refresh (and never-refreshed ones)."""
-        opt = state["opt"]
-        if tolerance is None:
-            return torch.ones_like(opt["refresh_request"])
-        drift = plan.kernel.drift(state["precond"], ctx)
-        if drift is None:
-            return torch.ones_like(opt["refresh_request"])
-        opt["drift"] = drift.float()
-        return (drift > tolerance) | (opt["refresh_step"] < 0)
-
-    def _refresh(self, plan: BucketPlan, state: dict, ctx: Context, commit: Tensor) -> None:
-        """Refresh the committed rows only: a partial refresh runs the kernel on the selected
-        rows (gathered, then written back), so skipped blocks cost nothing. Synchronises."""
-        opt, precond = state["opt"], state["precond"]
-        began = time.perf_counter()
-        rows = commit.nonzero().flatten()
-        n, count = commit.numel(), rows.numel()
-        opt["refreshes"] = opt.get("refreshes", torch.zeros_like(opt["failures"])) + commit.to(torch.int32)
-        opt["refreshes_skipped"] = opt.get("refreshes_skipped", torch.zeros_like(opt["failures"])) + (
-            ~commit
-        ).to(torch.int32)
-        if count == 0:
-            return
-        warm = bool((opt["refresh_step"][rows] >= 0).all())
-        if count == n:
-            result = plan.kernel.refresh(precond, replace(ctx, warm=warm), commit)
-            failed, stats_list = result.failed, result.stats
-        else:
-            subset = {k: v[rows] for k, v in precond.items()}
-            scale = None if ctx.epsilon_scale is None else ctx.epsilon_scale[rows]
-            sub_ctx = replace(ctx, live=ctx.live[rows], epsilon_scale=scale, warm=warm)
-            result = plan.kernel.refresh(subset, sub_ctx, torch.ones_like(rows, dtype=torch.bool))
-            for key, value in subset.items():
-                if key not in precond:  # created by this refresh
-                    precond[key] = torch.zeros((n, *value.shape[1:]), dtype=value.dtype, device=value.device)
-                precond[key][rows] = value
-            failed = torch.zeros_like(commit)
-            failed[rows] = result.failed
-            stats_list = tuple(
-                None if s is None else type(s)(*(_expand(t, rows, n) for t in s)) for s in result.stats
-            )
-        self._refresh_clock += time.perf_counter() - began
-        ok = commit & ~failed
-        opt["refresh_step"].copy_(torch.where(ok, ctx.step, opt["refresh_step"]))
-        opt["failures"] += failed.to(torch.int32)
-        opt["refresh_request"] &= ~commit
-        for i, stats in zip(plan.kernel.factor_dims, stats_list):
-            if stats is None:
-                continue
-            commit_(opt[f"condition_number.{i}"], stats.condition_number.float(), ok)
-            commit_(opt[f"min_eigenvalue.{i}"], stats.min_eigenvalue.float(), ok)
-            commit_(opt[f"max_eigenvalue.{i}"], stats.max_eigenvalue.float(), ok)
-
     # --------------------------------------------------------------------- block-level controls
 
     def _locate(self, blocks: Iterable[tuple[int, int]]) -> dict[str, list[int]]:
@@ -536,47 +479,7 @@ class Shampoo(torch.optim.Optimizer):
 
     def health(self) -> list[BlockHealth]:
         """Per-block records of what the last refreshes computed (reads state; no recomputation)."""
-        records = []
-        for plan in self.plans:
-            if plan.bucket.key not in self.state:
-                continue
-            bucket_state = self.state[plan.bucket.key]  # type: ignore[index]
-            opt = {k: v.detach().cpu() for k, v in bucket_state["opt"].items()}
-            step = int(self.param_groups[plan.bucket.group].get("step", 0))
-            dims = plan.kernel.factor_dims
-            tracked = plan.kernel.health_stats(bucket_state["precond"])
-            if tracked is not None:
-                for i, stats in zip(dims, tracked):
-                    if stats is not None:
-                        opt[f"condition_number.{i}"] = stats.condition_number.detach().float().cpu()
-                        opt[f"min_eigenvalue.{i}"] = stats.min_eigenvalue.detach().float().cpu()
-                        opt[f"max_eigenvalue.{i}"] = stats.max_eigenvalue.detach().float().cpu()
-            for row, (pidx, bidx) in enumerate(plan.bucket.rows()):
-                fallback = _FALLBACK_NAMES[int(opt["fallback"][row])]
-                records.append(
-                    BlockHealth(
-                        param_index=pidx,
-                        param_name=self._names[pidx],
-                        block_index=bidx,
-                        shape=plan.bucket.block_shape,
-                        group=plan.bucket.group,
-                        preconditioner=plan.kernel.kind,
-                        step=step,
-                        last_refresh_step=int(opt["refresh_step"][row]),
-                        condition_numbers=tuple(float(opt[f"condition_number.{i}"][row]) for i in dims),
-                        min_eigenvalues=tuple(float(opt[f"min_eigenvalue.{i}"][row]) for i in dims),
-                        max_eigenvalues=tuple(float(opt[f"max_eigenvalue.{i}"][row]) for i in dims),
-                        failure_count=int(opt["failures"][row]),
-                        nonfinite_count=int(opt["nonfinite"][row]),
-                        fallback=fallback,
-                        epsilon_scale=float(opt["epsilon_scale"][row]),
-                        refreshes=int(opt["refreshes"][row]) if "refreshes" in opt else 0,
-                        skipped_refreshes=int(opt["refreshes_skipped"][row])
-                        if "refreshes_skipped" in opt
-                        else 0,
-                    )
-                )
-        return records
+        return collect_health(self)
 
     # ------------------------------------------------------------------------------ checkpoints
 
@@ -588,10 +491,3 @@ class Shampoo(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _checkpoint.load_state_dict(self, state_dict)
         self._sync_fallback_flags()
-
-
-def _expand(values: Tensor, rows: Tensor, n: int) -> Tensor:
-    """Scatter per-row values of a partial refresh back to all ``n`` rows (nan elsewhere)."""
-    out = torch.full((n, *values.shape[1:]), math.nan, dtype=values.dtype, device=values.device)
-    out[rows] = values
-    return out
