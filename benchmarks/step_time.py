@@ -8,6 +8,9 @@ AdamW step just before it; with r_plain and r_refresh the medians of those per-p
 the ratio at precondition frequency f is ``((f-1)·r_plain + r_refresh)/f`` — exactly the mix of
 steps a run at frequency f makes.
 ``--direct`` instead runs every frequency for ``--steps`` real steps (use it on a GPU).
+PSGD-Kron (each mode) is timed the same way on steps that fit Q and steps that only apply P;
+its ratio at update probability p is ``(1-p)·r_apply + p·r_fit`` (its schedule is a
+deterministic counter, so a run at p makes exactly that mix).
 
 Part B — optimizer step alone on six 256x256 layers in blocks of 64 (96 same-shape blocks):
 bucketed vs ``use_bucketing=False`` (one block at a time), on plain and refresh steps, and the
