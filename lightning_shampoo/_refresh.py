@@ -61,6 +61,8 @@ def refresh_bucket(plan: BucketPlan, state: dict, ctx: Context, commit: Tensor) 
             if key not in precond:  # created by this refresh
                 precond[key] = torch.zeros((n, *value.shape[1:]), dtype=value.dtype, device=value.device)
             precond[key][rows] = value
+        for key in [k for k in precond if k not in subset]:  # dropped by this refresh
+            del precond[key]
         failed = torch.zeros_like(commit)
         failed[rows] = result.failed
         stats_list = tuple(

@@ -335,6 +335,7 @@ class Shampoo(torch.optim.Optimizer):
             use_bias_correction=group["use_bias_correction"],
             live=alive.to(dtype),
             epsilon_scale=opt["epsilon_scale"],
+            **_filter_description(group, step),
         )
         kernel, graft = plan.kernel, plan.graft
         precond, graft_state = state["precond"], state["graft"]
@@ -491,3 +492,11 @@ class Shampoo(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _checkpoint.load_state_dict(self, state_dict)
         self._sync_fallback_flags()
+
+
+def _filter_description(group: dict[str, Any], step: int) -> dict[str, Any]:
+    """``Context.beta1`` / ``bias_correction1``: how the filtered gradient follows the gradients."""
+    beta1 = group["betas"][0]
+    beta3 = beta1 if group["beta3"] < 0 else group["beta3"]
+    correction = 1.0 - beta3 * beta1 ** (step - 1) if group["use_bias_correction"] else 1.0
+    return {"beta1": beta1 if beta3 == beta1 else None, "bias_correction1": correction}

@@ -221,3 +221,48 @@ def test_known_eigenbasis_soap_is_adam_on_singular_values(amortized_config: Any)
             ascending if isinstance(amortized_config, EighEigendecompositionConfig) else ascending.flip(0)
         )
         assert order.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+@pytest.mark.parametrize("tolerance", [None, 0.02])
+def test_rotated_momentum_equals_rotating_the_filtered_gradient(
+    monkeypatch: pytest.MonkeyPatch, beta1: float, tolerance: float | None
+) -> None:
+    """SOAP keeps the filtered gradient's buffer in its eigenbasis between refreshes instead of
+    rotating it each step: the same directions (to rounding) as rotating every step, through
+    refreshes (full and partial), skipped blocks (NaN gradients) and β₁ = 0."""
+
+    def run(rotate_every_step: bool) -> list[Tensor]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(12, 8, dtype=F64)), nn.Parameter(torch.randn(8, 8, dtype=F64))]
+        opt = Shampoo(
+            params,
+            lr=0.01,
+            betas=(beta1, 0.95),
+            epsilon=1e-8,
+            max_preconditioner_dim=4,
+            precondition_frequency=4,
+            refresh_tolerance=tolerance,
+            preconditioner_config=EigenvalueCorrectedShampooPreconditionerConfig(**SOAP64),
+        )
+        if rotate_every_step:
+            original = SOAPPreconditioner.precondition
+
+            def rotate_input(self: SOAPPreconditioner, state: dict, grad: Tensor, ctx: Context) -> Tensor:
+                state.pop("rotated_momentum", None)
+                return original(self, state, grad, ctx)
+
+            monkeypatch.setattr(SOAPPreconditioner, "precondition", rotate_input)
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 19):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=F64)
+            if step in (6, 7):
+                params[0].grad[:4, :4] = math.nan  # one block skips two steps
+            opt.step()
+        monkeypatch.undo()
+        return [p.detach().clone() for p in params]
+
+    kept, rotated = run(False), run(True)
+    for a, b in zip(kept, rotated):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

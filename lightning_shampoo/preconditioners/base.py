@@ -53,6 +53,11 @@ class Context:
     live: Tensor
     epsilon_scale: Tensor | None = None
     warm: bool = False  # on refresh: every block of the bucket was refreshed before
+    #: How ``precondition``'s input derives from the gradients: ``m = buffer / bias_correction1``
+    #: with ``buffer ← lerp(buffer, g, (1-β₁)·live)``; ``beta1 = None`` when it does not (β₃ ≠ β₁).
+    #: Lets a kernel keep that buffer in its own basis instead of rotating ``m`` every step.
+    beta1: float | None = 0.0
+    bias_correction1: float = 1.0
 
     @property
     def bias_correction2(self) -> float:

@@ -122,6 +122,7 @@ class SOAPPreconditioner(Preconditioner):
 
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
         bc2 = ctx.bias_correction2
+        state.pop("rotated_momentum", None)  # the basis changes: precondition re-rotates its input
         block_failed = torch.zeros_like(commit)
         stats = []
         second = state["corrected_eigenvalues"]
@@ -150,12 +151,24 @@ class SOAPPreconditioner(Preconditioner):
         return torch.stack(drifts).amax(0)
 
     def update_after_refresh(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
+        """Second moment of the rotated gradient; and, while the basis stays put, the filtered
+        gradient's buffer kept rotated too (rotation is linear, so it follows the same EMA) —
+        saving ``precondition`` the two matmuls of rotating its input every step."""
         rotated = apply_along_dims(grad, self._bases(state), transpose=True)
         ema_(state["corrected_eigenvalues"], rotated.square(), ctx.beta2, ctx.live)
+        if ctx.beta1 is None:
+            state.pop("rotated_momentum", None)  # the input no longer follows that EMA
+        elif "rotated_momentum" in state:
+            ema_(state["rotated_momentum"], rotated, ctx.beta1, ctx.live)
 
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
         bases = self._bases(state)
-        rotated = apply_along_dims(grad, bases, transpose=True)
+        if "rotated_momentum" in state:
+            rotated = state["rotated_momentum"] / ctx.bias_correction1
+        else:
+            rotated = apply_along_dims(grad, bases, transpose=True)
+            if ctx.beta1 is not None:
+                state["rotated_momentum"] = rotated * ctx.bias_correction1
         second = state["corrected_eigenvalues"] / ctx.bias_correction2
         scaled = rotated / stable_pow(second, self.exponent).add_(ctx.epsilon)
         return apply_along_dims(scaled, bases)
