@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _checkpoint
+from ._moments import filter_description, filtered_gradient, momentum_
 from ._refresh import due_blocks, refresh_bucket
 from ._validation import validate_group
 from .blocking import Bucket, ParamLayout, build_buckets, gather, layout_param, scatter_add_
@@ -35,7 +36,7 @@ from .preconditioners import (
     SpectralDescentPreconditionerConfig,
     make_preconditioner,
 )
-from .preconditioners.base import ema_, per_block, row_norms
+from .preconditioners.base import per_block, row_norms
 
 __all__ = ["FALLBACK_MODES", "Shampoo"]
 
@@ -335,7 +336,7 @@ class Shampoo(torch.optim.Optimizer):
             use_bias_correction=group["use_bias_correction"],
             live=alive.to(dtype),
             epsilon_scale=opt["epsilon_scale"],
-            **_filter_description(group, step),
+            **filter_description(group, step),
         )
         kernel, graft = plan.kernel, plan.graft
         precond, graft_state = state["precond"], state["graft"]
@@ -350,7 +351,7 @@ class Shampoo(torch.optim.Optimizer):
             self._refresh_clock += refresh_bucket(plan, state, ctx, commit)
         kernel.update_after_refresh(precond, grad, ctx)
 
-        filtered = self._filtered_gradient(opt, grad, ctx, group, step)
+        filtered = filtered_gradient(opt, grad, ctx, group, step)
         use_grafting_method = step < start and graft is not None
         if use_grafting_method:
             assert graft is not None
@@ -378,53 +379,12 @@ class Shampoo(torch.optim.Optimizer):
         if params is not None and group["use_decoupled_weight_decay"]:
             direction.add_(params * per_block(ok.to(dtype), direction.ndim), alpha=wd)
         if group["momentum"] != 0.0:
-            direction = self._momentum(opt, direction, ok, group, step)
+            direction = momentum_(opt, direction, ok, group, step)
             direction.masked_fill_(per_block(~ok, direction.ndim), 0.0)
         return direction
 
     def _param_map(self, bucket: Bucket) -> dict[int, Tensor]:
         return {m.param.index: self._param(m.param.index) for m in bucket.members}
-
-    @staticmethod
-    def _filtered_gradient(opt: dict, grad: Tensor, ctx: Context, group: dict[str, Any], step: int) -> Tensor:
-        """β₁-EMA of the gradient (``beta3`` for the current step, bias-corrected), or the gradient."""
-        beta1 = group["betas"][0]
-        if beta1 == 0.0:
-            return grad
-        beta3 = beta1 if group["beta3"] < 0 else group["beta3"]
-        buffer = opt.setdefault("filtered_grad", torch.zeros_like(grad))
-        current = None
-        if beta3 != beta1:
-            current = buffer.lerp(grad, per_block(ctx.live, grad.ndim) * (1.0 - beta3))
-        ema_(buffer, grad, beta1, ctx.live)
-        filtered = buffer if current is None else current
-        if group["use_bias_correction"]:
-            filtered = filtered / (1.0 - beta3 * beta1 ** (step - 1))
-        return filtered
-
-    @staticmethod
-    def _momentum(opt: dict, direction: Tensor, ok: Tensor, group: dict[str, Any], step: int) -> Tensor:
-        """Heavy-ball / Nesterov momentum as ``torch.optim.SGD`` (first step: buffer = direction).
-        ``direction`` is zero on dead blocks (``ok`` false), whose buffer stays unchanged. In place."""
-        mu = group["momentum"]
-        if "momentum_buffer" not in opt:
-            opt["momentum_buffer"] = direction.clone()
-            opt["momentum_started"] = ok.clone()
-        else:
-            keep = 1.0 - (1.0 - mu) * ok.to(direction.dtype)  # μ on live blocks, 1 on dead ones
-            buffer = opt["momentum_buffer"].mul_(per_block(keep, direction.ndim))
-            dampening = group["dampening"]
-            started = opt.setdefault("momentum_started", torch.ones_like(ok))
-            if dampening == 0.0:
-                buffer.add_(direction, alpha=1.0)
-            else:  # a block's first live step starts its (zero) buffer undamped, as torch.optim.SGD
-                weight = torch.where(started, 1.0 - dampening, 1.0).to(direction.dtype)
-                buffer.add_(direction * per_block(weight, direction.ndim))
-            started |= ok
-        buffer = opt["momentum_buffer"]
-        if group["use_nesterov"]:
-            return direction.add_(buffer, alpha=mu)
-        return direction.copy_(buffer)
 
     # --------------------------------------------------------------------- block-level controls
 
@@ -492,11 +452,3 @@ class Shampoo(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _checkpoint.load_state_dict(self, state_dict)
         self._sync_fallback_flags()
-
-
-def _filter_description(group: dict[str, Any], step: int) -> dict[str, Any]:
-    """``Context.beta1`` / ``bias_correction1``: how the filtered gradient follows the gradients."""
-    beta1 = group["betas"][0]
-    beta3 = beta1 if group["beta3"] < 0 else group["beta3"]
-    correction = 1.0 - beta3 * beta1 ** (step - 1) if group["use_bias_correction"] else 1.0
-    return {"beta1": beta1 if beta3 == beta1 else None, "bias_correction1": correction}

@@ -1,0 +1,63 @@
+"""The per-block EMAs of the step around the preconditioner: the β₁-filtered gradient before it
+and heavy-ball / Nesterov momentum after it, both leaving skipped blocks exactly unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .preconditioners import Context
+from .preconditioners.base import ema_, per_block
+
+__all__ = ["filter_description", "filtered_gradient", "momentum_"]
+
+
+def filtered_gradient(opt: dict, grad: Tensor, ctx: Context, group: dict[str, Any], step: int) -> Tensor:
+    """β₁-EMA of the gradient (``beta3`` for the current step, bias-corrected), or the gradient."""
+    beta1 = group["betas"][0]
+    if beta1 == 0.0:
+        return grad
+    beta3 = beta1 if group["beta3"] < 0 else group["beta3"]
+    buffer = opt.setdefault("filtered_grad", torch.zeros_like(grad))
+    current = None
+    if beta3 != beta1:
+        current = buffer.lerp(grad, per_block(ctx.live, grad.ndim) * (1.0 - beta3))
+    ema_(buffer, grad, beta1, ctx.live)
+    filtered = buffer if current is None else current
+    if group["use_bias_correction"]:
+        filtered = filtered / (1.0 - beta3 * beta1 ** (step - 1))
+    return filtered
+
+
+def momentum_(opt: dict, direction: Tensor, ok: Tensor, group: dict[str, Any], step: int) -> Tensor:
+    """Heavy-ball / Nesterov momentum as ``torch.optim.SGD`` (first step: buffer = direction).
+    ``direction`` is zero on dead blocks (``ok`` false), whose buffer stays unchanged. In place."""
+    mu = group["momentum"]
+    if "momentum_buffer" not in opt:
+        opt["momentum_buffer"] = direction.clone()
+        opt["momentum_started"] = ok.clone()
+    else:
+        keep = 1.0 - (1.0 - mu) * ok.to(direction.dtype)  # μ on live blocks, 1 on dead ones
+        buffer = opt["momentum_buffer"].mul_(per_block(keep, direction.ndim))
+        dampening = group["dampening"]
+        started = opt.setdefault("momentum_started", torch.ones_like(ok))
+        if dampening == 0.0:
+            buffer.add_(direction, alpha=1.0)
+        else:  # a block's first live step starts its (zero) buffer undamped, as torch.optim.SGD
+            weight = torch.where(started, 1.0 - dampening, 1.0).to(direction.dtype)
+            buffer.add_(direction * per_block(weight, direction.ndim))
+        started |= ok
+    buffer = opt["momentum_buffer"]
+    if group["use_nesterov"]:
+        return direction.add_(buffer, alpha=mu)
+    return direction.copy_(buffer)
+
+
+def filter_description(group: dict[str, Any], step: int) -> dict[str, Any]:
+    """``Context.beta1`` / ``bias_correction1``: how the filtered gradient follows the gradients."""
+    beta1 = group["betas"][0]
+    beta3 = beta1 if group["beta3"] < 0 else group["beta3"]
+    correction = 1.0 - beta3 * beta1 ** (step - 1) if group["use_bias_correction"] else 1.0
+    return {"beta1": beta1 if beta3 == beta1 else None, "bias_correction1": correction}
