@@ -362,9 +362,7 @@ class Shampoo(torch.optim.Optimizer):
             if graft is not None:
                 graft_direction = graft.precondition(graft_state, filtered, ctx).to(dtype)
                 ratio = row_norms(graft_direction) / (row_norms(direction) + 1e-16)
-                scale = per_block(ratio, direction.ndim)
-                # A kernel may return its input (SGD, no factor dims): never scale state in place.
-                direction = direction * scale if direction is filtered else direction.mul_(scale)
+                direction = _owned(direction, filtered).mul_(per_block(ratio, direction.ndim))
             if bucket.key in self._fallback_buckets:
                 mode = per_block(opt["fallback"], direction.ndim)
                 alternative = (
@@ -375,12 +373,14 @@ class Shampoo(torch.optim.Optimizer):
                 direction = torch.where(mode > 0, alternative, direction)
         ok = alive & torch.isfinite(row_norms(direction))
         opt["failures"] += (alive & ~ok).to(torch.int32)
-        direction = torch.where(per_block(ok, direction.ndim), direction, 0.0)
+        skipped = per_block(~ok, direction.ndim)
+        direction = _owned(direction, filtered)
         if params is not None and group["use_decoupled_weight_decay"]:
-            direction.add_(params * per_block(ok.to(dtype), direction.ndim), alpha=wd)
+            direction.add_(params, alpha=wd)
+        direction.masked_fill_(skipped, 0.0)  # before momentum: skipped rows leave it unchanged
         if group["momentum"] != 0.0:
             direction = momentum_(opt, direction, ok, group, step)
-            direction.masked_fill_(per_block(~ok, direction.ndim), 0.0)
+            direction.masked_fill_(skipped, 0.0)
         return direction
 
     def _param_map(self, bucket: Bucket) -> dict[int, Tensor]:
@@ -452,3 +452,9 @@ class Shampoo(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _checkpoint.load_state_dict(self, state_dict)
         self._sync_fallback_flags()
+
+
+def _owned(direction: Tensor, filtered: Tensor) -> Tensor:
+    """``direction`` safe to modify in place: a kernel may return its input (SGD), which can be
+    the filtered-gradient buffer in the optimizer state."""
+    return direction.clone() if direction is filtered else direction
