@@ -18,27 +18,14 @@ from lightning_shampoo import (
     PSGDUpdateProbabilitySchedule,
     Shampoo,
 )
-from lightning_shampoo.preconditioners import Context, make_preconditioner
+from lightning_shampoo.preconditioners import make_preconditioner
 from lightning_shampoo.preconditioners.psgd_kron import PSGDKronPreconditioner
-
-F64 = torch.float64
-MODES = ["Q0.5EQ1.5", "EQ", "QUAD"]
 
 
 def _kernel(shape: tuple[int, ...], **kwargs: Any) -> PSGDKronPreconditioner:
     kernel = make_preconditioner(PSGDKronPreconditionerConfig(**kwargs), shape, "test")
     assert isinstance(kernel, PSGDKronPreconditioner)
     return kernel
-
-
-def _ctx(step: int, live: Tensor) -> Context:
-    return Context(step=step, beta2=1.0, epsilon=1e-12, use_bias_correction=False, live=live)
-
-
-def _spd(d: int, cond: float, gen: torch.Generator) -> Tensor:
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
-    q = q * torch.sign(torch.diagonal(r))
-    return (q * torch.logspace(0.0, math.log10(cond), d, dtype=F64)) @ q.T
 
 
 # ------------------------------------------------------------------------------ update schedule
