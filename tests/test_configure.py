@@ -103,7 +103,7 @@ def test_default_groups() -> None:
     assert matrix["lr"] == diagonal["lr"] == 3e-3
     assert isinstance(matrix["preconditioner_config"], RootInvShampooPreconditionerConfig)
     assert matrix["grafting_config"] == AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
-    assert matrix["betas"] == (0.9, 0.999) and matrix["epsilon"] == 1e-12
+    assert matrix["betas"] == (0.9, 0.95) and matrix["epsilon"] == 1e-12  # factor EMA β 0.95
     assert matrix["precondition_frequency"] == 10 and matrix["max_preconditioner_dim"] == 1024
     assert diagonal["preconditioner_config"] == AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
     assert diagonal["grafting_config"] is None and diagonal["betas"] == (0.9, 0.999)
@@ -137,6 +137,9 @@ def test_preset_specifics() -> None:
     assert soap["soap"]["betas"] == (0.95, 0.95) and soap["soap"]["grafting_config"] is None
     assert soap["adam_no_decay"]["betas"] == (0.95, 0.95)
     assert soap["adam_no_decay"]["preconditioner_config"].beta2 == 0.95
+    assert soap["soap"]["use_merge_dims"] is False  # as the reference SOAP: kernels keep their dims
+    merged = groups_by_name(configure_shampoo(Net(), "soap", use_merge_dims=True))
+    assert merged["soap"]["use_merge_dims"] is True  # the caller's word wins
     eigen = groups_by_name(configure_shampoo(Net(), "eigen"))
     assert isinstance(eigen["eigen"]["preconditioner_config"], EigendecomposedShampooPreconditionerConfig)
     kl = groups_by_name(configure_shampoo(Net(), "kl_shampoo"))

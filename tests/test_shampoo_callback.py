@@ -535,3 +535,29 @@ def test_distributed_hand_off(monkeypatch: pytest.MonkeyPatch) -> None:
     del fake.shard_optimizer  # not there yet: nothing happens
     callback.on_fit_start(trainer(2, strategy), None)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("preconditioner", "factor_beta"), [("shampoo", 0.95), ("soap", 0.95), ("adam", 0.99)]
+)
+def test_default_beta2_is_the_presets_factor_beta_and_the_sources_for_adam(
+    preconditioner: str, factor_beta: float
+) -> None:
+    """Kronecker factors get the preset's EMA β (the convergence suite's recipe), not AdamW's β₂;
+    for the diagonal Adam preset ``betas[1]`` is Adam's second moment, so it stays AdamW's."""
+    model = WithOptimizer(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.8, 0.99)))
+    trainer = fit(model, [quiet(preconditioner=preconditioner)], steps=1)
+    for group in trainer.optimizers[0].param_groups:
+        assert group["betas"] == (0.8, factor_beta)
+        assert group["grafting_config"] == AdamPreconditionerConfig(beta2=0.99, epsilon=1e-8)
+
+
+@pytest.mark.parametrize(("preconditioner", "merge"), [("shampoo", True), ("soap", False)])
+def test_soap_keeps_dims_unmerged(preconditioner: str, merge: bool) -> None:
+    """The SOAP preset does not merge dims (the convergence suite's recipe); Shampoo's does;
+    ``use_merge_dims`` passed to the callback overrides either."""
+    model = WithOptimizer(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
+    trainer = fit(model, [quiet(preconditioner=preconditioner)], steps=1)
+    assert {g["use_merge_dims"] for g in trainer.optimizers[0].param_groups} == {merge}
+    trainer = fit(model, [quiet(preconditioner=preconditioner, use_merge_dims=not merge)], steps=1)
+    assert {g["use_merge_dims"] for g in trainer.optimizers[0].param_groups} == {not merge}

@@ -106,11 +106,15 @@ def test_all_basis_changes_ignored_is_adam_while_refreshing(case: str, amortized
 # ------------------------------------------------------------------ QR refresh permutes the moment
 
 
-def _scrambled_state(seed: int = 0) -> tuple[SOAPPreconditioner, dict[str, Tensor], Tensor, list[Tensor]]:
+def _scrambled_state(
+    seed: int = 0, rotate: bool = True
+) -> tuple[SOAPPreconditioner, dict[str, Tensor], Tensor, list[Tensor]]:
     """A SOAP bucket (2 blocks of 5x4) whose stored bases are exact eigenvectors of its factors in
     scrambled column order, with a nonzero, non-uniform second moment."""
     config = EigenvalueCorrectedShampooPreconditionerConfig(
-        amortized_computation_config=QREigendecompositionConfig(sort_eigenvectors=True), **SOAP64
+        amortized_computation_config=QREigendecompositionConfig(sort_eigenvectors=True),
+        rotate_corrected_eigenvalues=rotate,
+        **SOAP64,
     )
     shape = (5, 4)
     kernel = SOAPPreconditioner(config, shape, "test")
@@ -147,8 +151,11 @@ def _refreshed_direction(
     return before, kernel.precondition(state, grad, ctx)
 
 
-def test_qr_refresh_sorts_columns_and_permutes_second_moment() -> None:
-    kernel, state, grad, sorted_bases = _scrambled_state()
+@pytest.mark.parametrize("rotate", [True, False])
+def test_qr_refresh_sorts_columns_and_permutes_second_moment(rotate: bool) -> None:
+    """Both ways of carrying the moment (rotating it, or permuting it like the columns) keep
+    the direction of a fixed gradient when the basis only gets re-sorted."""
+    kernel, state, grad, sorted_bases = _scrambled_state(rotate=rotate)
     scrambled = [state[f"eigenvectors.{i}"].clone() for i in range(2)]
     before, after = _refreshed_direction(kernel, state, grad)
     for i in range(2):
@@ -162,17 +169,21 @@ def test_qr_refresh_sorts_columns_and_permutes_second_moment() -> None:
 def test_qr_refresh_without_permuting_the_moment_would_change_the_direction(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The property above has teeth: dropping the permutation (as Distributed Shampoo's QR path
-    does) changes the direction of the same gradient by a lot."""
+    """The property above has teeth: without rotating the moment, dropping the permutation (as
+    Distributed Shampoo's QR path does) changes the direction of the same gradient by a lot;
+    the rotation needs no permutation (it is the permutation, squared signs and all)."""
     original = amortized.orthogonal_iteration
 
     def forgetful(*args: Any, **kwargs: Any) -> Any:
         return original(*args, **kwargs)._replace(permutation=None)
 
     monkeypatch.setattr(amortized, "orthogonal_iteration", forgetful)
-    kernel, state, grad, _ = _scrambled_state()
+    kernel, state, grad, _ = _scrambled_state(rotate=False)
     before, after = _refreshed_direction(kernel, state, grad)
     assert (after - before).norm() > 0.1 * before.norm()
+    kernel, state, grad, _ = _scrambled_state(rotate=True)
+    before, after = _refreshed_direction(kernel, state, grad)
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------- exact, known eigenbasis
@@ -266,3 +277,52 @@ def test_rotated_momentum_equals_rotating_the_filtered_gradient(
     kept, rotated = run(False), run(True)
     for a, b in zip(kept, rotated):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------- the moment follows the basis it lives in
+
+
+def test_refresh_rotates_the_second_moment_into_the_new_basis() -> None:
+    """Leaving the identity basis for exact eigenbases ``Q₀, Q₁`` maps a moment ``v`` (variances of
+    uncorrelated coordinates) to ``(Q₀ᵀ∘Q₀ᵀ) v (Q₁ᵀ∘Q₁ᵀ)ᵀ``: the variances of the rotated
+    coordinates. The map is doubly stochastic, so the total is kept; without the rotation the old
+    per-coordinate values would simply stay where they were."""
+    shape = (5, 3)
+    config = EigenvalueCorrectedShampooPreconditionerConfig(**SOAP64)
+    kernel = SOAPPreconditioner(config, shape, "test")
+    state = kernel.init_state(1, torch.device("cpu"), F64)
+    bases = [_orthogonal(d, seed=3 + i) for i, d in enumerate(shape)]
+    for i, (q, d) in enumerate(zip(bases, shape)):
+        values = torch.arange(1.0, d + 1, dtype=F64)  # ascending, as eigh returns them
+        state[f"factor.{i}"] = ((q * values) @ q.mT)[None]
+    v = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0), dtype=F64) + 0.1
+    state["corrected_eigenvalues"] = v.clone()
+    ctx = Context(step=3, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(1, dtype=F64))
+    result = kernel.refresh(state, ctx, torch.ones(1, dtype=torch.bool))
+    assert not bool(result.failed.any())
+    left, right = (q.mT.square() for q in bases)
+    expected = left @ v[0] @ right.mT
+    torch.testing.assert_close(state["corrected_eigenvalues"][0], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(expected.sum(), v.sum(), rtol=1e-12, atol=0)
+    assert (expected - v[0]).abs().amax() > 0.05  # the rotation did move the values
+
+    unrotated = SOAPPreconditioner(
+        EigenvalueCorrectedShampooPreconditionerConfig(rotate_corrected_eigenvalues=False, **SOAP64),
+        shape,
+        "test",
+    )
+    state["corrected_eigenvalues"] = v.clone()
+    for i in range(2):
+        state[f"eigenvectors.{i}"] = torch.eye(shape[i], dtype=F64)[None].clone()
+    unrotated.refresh(state, ctx, torch.ones(1, dtype=torch.bool))
+    torch.testing.assert_close(state["corrected_eigenvalues"], v, rtol=0, atol=0)
+
+
+def test_a_block_that_does_not_commit_keeps_its_moment() -> None:
+    """Blocks outside ``commit`` (not due) keep their moment bit for bit."""
+    kernel, state, _, _ = _scrambled_state()
+    before = state["corrected_eigenvalues"].clone()
+    ctx = Context(step=7, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(2, dtype=F64))
+    kernel.refresh(state, ctx, torch.tensor([True, False]))
+    assert torch.equal(state["corrected_eigenvalues"][1], before[1])
+    assert not torch.equal(state["corrected_eigenvalues"][0], before[0])

@@ -24,13 +24,27 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from .._translate import translate_optimizer, translate_output
 from ..configure import _CONSTRUCTOR_ONLY, GROUP_KEYS, Preset, configure_shampoo, resolve_preset
 from ..optim import Shampoo
-from ..preconditioners import PreconditionerConfig, SpectralDescentPreconditionerConfig
+from ..preconditioners import (
+    EigendecomposedShampooPreconditionerConfig,
+    EigenvalueCorrectedShampooPreconditionerConfig,
+    PreconditionerConfig,
+    RootInvShampooPreconditionerConfig,
+    SpectralDescentPreconditionerConfig,
+)
 from ..schedules import FrequencyScheduleSpec, LogFrequency
 from .fallback import SGDFallback
 from .frequency import PreconditionFrequencyScheduler
 from .health import PreconditionerHealthMonitor
 
 __all__ = ["ShampooCallback"]
+
+#: Presets whose ``betas[1]`` is a Kronecker-factor EMA (KL-Shampoo's config subclasses the
+#: eigendecomposed one).
+_FACTORED = (
+    RootInvShampooPreconditionerConfig,
+    EigendecomposedShampooPreconditionerConfig,
+    EigenvalueCorrectedShampooPreconditionerConfig,
+)
 
 # Group keys the wrapped optimizer decides (the translation sets them from its param groups).
 _FROM_SOURCE = (
@@ -57,8 +71,11 @@ class ShampooCallback(pl.Callback):
         precondition_frequency, start_preconditioning_step, max_preconditioner_dim, epsilon: the
             Shampoo settings (``None``: the preset's). ``start_preconditioning_step=math.inf``
             gives back the wrapped optimizer exactly.
-        beta2: the factor EMA ``betas[1]``; ``None``: the wrapped optimizer's second-moment β
-            (Adam's β₂, RMSprop's α), else the preset's.
+        beta2: ``betas[1]``; ``None``: for the Kronecker-factor presets (``"shampoo"``,
+            ``"eigen"``, ``"kl_shampoo"``, ``"soap"``) the preset's factor EMA β (0.95, from the
+            convergence suite: Adam's 0.999 averages factors over too long a past), for the
+            others the wrapped optimizer's second-moment β (Adam's β₂, RMSprop's α), which is
+            what ``betas[1]`` means for a diagonal preconditioner.
         frequency_scheduler: ``True`` (a ``"log"`` schedule ramping up to ``precondition_frequency``,
             for the optimizers this callback makes; a ``Shampoo`` the module returns itself keeps
             its own settings), a schedule accepted by ``PreconditionFrequencyScheduler`` (applied
@@ -112,6 +129,7 @@ class ShampooCallback(pl.Callback):
             ),
             "max_preconditioner_dim": pick(max_preconditioner_dim, self.preset.max_preconditioner_dim),
             "epsilon": pick(epsilon, self.preset.epsilon),
+            "use_merge_dims": self.preset.use_merge_dims,
             **shampoo_kwargs,
         }
         self._check_options()
@@ -242,12 +260,18 @@ class ShampooCallback(pl.Callback):
 
         def translate(optimizer: torch.optim.Optimizer) -> Shampoo:
             shampoo = translate_optimizer(
-                optimizer, self.options, names, self.beta2, default_factor_beta=self.preset.betas[1]
+                optimizer, self.options, names, self._factor_beta(), default_factor_beta=self.preset.betas[1]
             )
             self.optimizers.append(shampoo)
             return shampoo
 
         return translate_output(output, translate)
+
+    def _factor_beta(self) -> float | None:
+        """``betas[1]`` of the translated groups (``None``: the source's second-moment β)."""
+        if self.beta2 is not None:
+            return self.beta2
+        return self.preset.betas[1] if isinstance(self.preset.config, _FACTORED) else None
 
     def default_optimizer(self, module: torch.nn.Module) -> Shampoo | dict[str, Any]:
         """``configure_shampoo`` with this callback's settings (modules without an optimizer)."""

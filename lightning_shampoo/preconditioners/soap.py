@@ -5,8 +5,13 @@ refreshed (eigh, or warm-started QR). Every step the gradient is rotated into th
 diagonal second moment (the *corrected eigenvalues*) is kept, Adam-style, and the update is
 rotated back. With the identity basis (before the first refresh) this is exactly Adam.
 
-When a QR refresh reorders the basis columns by Rayleigh quotient, the second moment is permuted
-along with them, so each entry keeps following its direction.
+When the basis changes, the second moment is carried into the new one: coordinates with variances
+``v`` in the old basis have variances ``(R∘R)·v`` in the new, ``R = Q_newᵀ Q_old`` per dim. That
+covers a QR refresh re-sorting columns (``R`` is then a signed permutation) and, above all, the
+first switch away from the identity basis, where Adam's per-coordinate moments would otherwise
+meet rotated gradients they never saw (it diverged the convergence suite's CNN at a learning rate
+AdamW survives). ``rotate_corrected_eigenvalues=False`` leaves the moment in place, as the
+reference SOAP does, and then only permutes it with re-sorted columns.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .base import (
     eigenbasis_drift,
     ema_,
     identity,
+    per_block,
 )
 
 __all__ = ["EigenvalueCorrectedShampooPreconditionerConfig", "SOAPPreconditioner"]
@@ -46,7 +52,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 @dataclass(frozen=True, kw_only=True)
 class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
     """SOAP. ``ignored_basis_change_dims``: ``{order: [dims]}`` kept in the original basis;
-    ``inverse_exponent_override``: ``{order: α}`` on the corrected eigenvalues (default ½, Adam)."""
+    ``inverse_exponent_override``: ``{order: α}`` on the corrected eigenvalues (default ½, Adam);
+    ``rotate_corrected_eigenvalues``: carry the second moment into each new basis (below; False:
+    leave it in place, as the reference SOAP does, permuting it only when QR re-sorts columns)."""
 
     amortized_computation_config: EigendecompositionConfig = field(
         default_factory=EighEigendecompositionConfig
@@ -56,6 +64,7 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
     factor_matrix_dtype: torch.dtype = torch.float32
     factor_matrix_eigenvectors_dtype: torch.dtype = torch.float32
     corrected_eigenvalues_dtype: torch.dtype = torch.float32
+    rotate_corrected_eigenvalues: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -126,21 +135,36 @@ class SOAPPreconditioner(Preconditioner):
         block_failed = torch.zeros_like(commit)
         stats = []
         second = state["corrected_eigenvalues"]
+        rotate = self.cfg.rotate_corrected_eigenvalues
+        changes: dict[int, Tensor] = {}
         for i in self.basis_dims:
             key = f"eigenvectors.{i}"
             matrix = state[f"factor.{i}"] / bc2
+            old = state[key].to(matrix.dtype, copy=True)  # commit_ writes state[key] in place
             values, vectors, permutation, failed = eigendecompose(
-                matrix, self.cfg.amortized_computation_config, state[key].to(matrix.dtype), warm=ctx.warm
+                matrix, self.cfg.amortized_computation_config, old, warm=ctx.warm
             )
             ok = commit & ~failed
             commit_(state[key], vectors, ok)
-            if permutation is not None:
+            if rotate:  # blocks whose basis stayed put get exactly the identity
+                change = (state[key].to(matrix.dtype).mT @ old).square_()
+                eye = torch.eye(change.shape[-1], dtype=change.dtype, device=change.device)
+                changes[i] = torch.where(per_block(ok, 3), change, eye)
+            elif permutation is not None:
                 index_shape = [second.shape[0]] + [1] * self.order
                 index_shape[i + 1] = self.block_shape[i]
                 index = permutation.view(index_shape).expand_as(second)
                 commit_(second, second.gather(i + 1, index), ok)
             stats.append(spectrum_stats(values, ctx.block_epsilon()))
             block_failed |= failed & commit
+        if changes:
+            # Coordinates uncorrelated in the old basis with variances v have variances
+            # (R∘R)·v in the new one, R = Q_newᵀ Q_old (per dim; a Kronecker product of squares
+            # is the square of the product). Exact for a permutation, so re-sorting needs no
+            # special case; without it the first switch away from the identity basis would
+            # divide rotated gradients by Adam's per-coordinate moments and can blow up.
+            rotated = apply_along_dims(second, changes)
+            commit_(second, rotated.clamp_(min=0), commit)
         return RefreshResult(block_failed, tuple(stats))
 
     def drift(self, state: dict[str, Tensor], ctx: Context) -> Tensor | None:
