@@ -10,7 +10,7 @@ learning-rate sweep (×√10 apart; PSGD-type optimizers one grid step lower), a
 training and held-out loss, the steps and the measured training wall-clock to reach AdamW's best
 final training loss, its optimizer-state memory and whether a non-finite value ever appeared.
 
-    python benchmarks/convergence.py                 # the full suite; writes docs/convergence.md
+    python benchmarks/convergence.py                 # the full suite; writes docs/convergence.md + PNGs
     python benchmarks/convergence.py --tasks mlp --optimizers adamw,shampoo,soap
     python benchmarks/convergence.py --quick         # CI smoke run: one task, few steps, asserts
 
