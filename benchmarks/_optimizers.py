@@ -37,14 +37,6 @@ from lightning_shampoo.preconditioners import PreconditionerConfig
 from lightning_shampoo.preconditioners.amortized import QREigendecompositionConfig
 from lightning_shampoo.schedules import WarmupConstant
 
-#: Learning-rate scale of each optimizer relative to the task's AdamW grid (same 4 points, ×√10
-#: apart, shifted by whole grid steps). PSGD's whitened, RMS-clipped updates are larger per unit
-#: lr than Adam's on these tasks; its references recommend about a third of Adam's lr.
-#: pytorch-optimizer's ``Shampoo`` (the original algorithm: no grafting, summed statistics) takes
-#: steps that shrink like AdaGrad's and wants 3-30× Adam's lr (probed on the MLP task; two grid
-#: steps up diverged on every digits task above 0.03).
-LR_SHIFT: dict[str, int] = {"psgd_kron": -1, "hb_psgd_kron": -1, "kron_torch": -1, "po_shampoo": 1}
-
 PEERS = ("hb_soap", "hb_psgd_kron", "kron_torch", "po_soap", "po_shampoo")
 OURS = ("shampoo_callback", *PRESET_NAMES)
 DEFAULT_OPTIMIZERS = ("adamw", *OURS, *PEERS)
@@ -58,7 +50,6 @@ class Spec:
     name: str
     configure: Callable[[nn.Module, float, int, int], Any]
     callbacks: Callable[[], list[pl.Callback]] = field(default=lambda: [])
-    lr_shift: int = 0
 
 
 def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> dict[str, Any]:
@@ -184,17 +175,16 @@ def make_spec(name: str) -> Spec:
     """``name`` or ``name:overrides`` → its :class:`Spec`."""
     base, _, text = name.partition(":")
     overrides = parse_overrides(text) if text else {}
-    shift = LR_SHIFT.get(base, 0)
     if base == "adamw":
         return Spec(name, _adamw)
     if base == "shampoo_callback":
         return Spec(name, _adamw, _callback(overrides))
     if base in PRESET_NAMES:
-        return Spec(name, _preset(base, overrides), lr_shift=shift)
+        return Spec(name, _preset(base, overrides))
     if base in _PEER_MODULES:
         if overrides:
             raise ValueError(f"{name}: peers run with their defaults")
-        return Spec(name, _peer(base), lr_shift=shift)
+        return Spec(name, _peer(base))
     raise ValueError(f"unknown optimizer {name!r}; choose from {list(DEFAULT_OPTIMIZERS)}")
 
 

@@ -5,7 +5,7 @@ the digits, a byte-level transformer LM on the Python standard library's sources
 Lightning on the CPU, the way users run them: the module returns AdamW (baseline), AdamW with
 ``Trainer(callbacks=[ShampooCallback()])`` (the drop-in), ``configure_shampoo(self, preset)`` for
 every preset, or a peer optimizer (``_optimizers.py``). Each optimizer gets the same 4-point
-learning-rate sweep (×√10 apart; PSGD-type optimizers one grid step lower), and the best of each
+learning-rate sweep (×√10 apart, identical for every optimizer), and the best of each
 (lowest final training loss, measured on a fixed evaluation set) is reported with its final
 training and held-out loss, the steps and the measured training wall-clock to reach AdamW's best
 final training loss, its optimizer-state memory and whether a non-finite value ever appeared.
@@ -188,11 +188,6 @@ def _key(run: dict[str, Any]) -> tuple[Any, ...]:
     return run["task"], run["optimizer"], run["lr"], run["steps"], run.get("seed", 0)
 
 
-def grid_lr(task: Task, spec: Spec, index: int) -> float:
-    """Point ``index`` of the task's grid, shifted by the optimizer's ``lr_shift`` grid steps."""
-    return float(f"{task.lrs[0] * 10 ** ((index + spec.lr_shift) / 2):.3g}")
-
-
 Plan = list[tuple[Task, str, float]]
 
 
@@ -202,7 +197,7 @@ def sweep_plan(tasks: list[Task], optimizers: list[str], lr_index: list[int] | N
     plan = []
     for task in tasks:
         for i in lr_index if lr_index is not None else range(len(task.lrs)):
-            plan += [(task, name, grid_lr(task, make_spec(name), i)) for name in optimizers]
+            plan += [(task, name, task.lrs[i]) for name in optimizers]
     return plan
 
 
@@ -318,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         mine = [r for r in runs if r["task"] == task.name and r["steps"] == task.steps]
         indices = lr_index if lr_index is not None else range(len(task.lrs))
-        grid = {(n, grid_lr(task, make_spec(n), i)) for n in names for i in indices}
+        grid = {(n, task.lrs[i]) for n in names for i in indices}
         first = [r for r in mine if r.get("seed", 0) == 0 and (r["optimizer"], r["lr"]) in grid]
         order = [n for n in names if any(r["optimizer"] == n for r in first)]
         rows, target = summarise(first, order)
