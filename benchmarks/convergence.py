@@ -13,6 +13,7 @@ final training loss, its optimizer-state memory and whether a non-finite value e
     python benchmarks/convergence.py                 # the full suite; writes docs/convergence.md + PNGs
     python benchmarks/convergence.py --tasks mlp --optimizers adamw,shampoo,soap
     python benchmarks/convergence.py --quick         # CI smoke run: one task, few steps, asserts
+    python benchmarks/convergence.py --report-only --tasks transformer --retime 3   # timing again
 
 Results are appended to ``<out>/results.jsonl`` as each run finishes, and a rerun skips the runs
 already there (so an interrupted suite resumes). Set ``OMP_NUM_THREADS=1`` on small machines.
@@ -39,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _optimizers import DEFAULT_OPTIMIZERS, PEERS, Spec, make_spec, peer_status, state_bytes
-from _report import plot_task, seed_table, summarise, table_markdown, write_report
+from _report import first_reaching, plot_task, seed_table, summarise, table_markdown, write_report
 from _tasks import TASKS, Task, mlp_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,6 +216,41 @@ def seed_plan(tasks: list[Task], optimizers: list[str], seeds: list[int], runs: 
     return plan
 
 
+def retime(tasks: list[Task], names: list[str], runs: list[dict[str, Any]], repeats: int) -> str:
+    """Wall-clock to AdamW's target again, ``repeats`` times, each optimizer at its best seed-0 lr
+    and in rounds (every optimizer once per round, so slow machine phases hit all alike): the
+    median and each round's time, as markdown. Steps are deterministic; only the clock varies."""
+    lines = [
+        f"Wall-clock to AdamW's best final loss, {repeats} rounds (median; each round's seconds):",
+        "",
+        "| task | optimizer | lr | steps | median s | ×AdamW | rounds |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for task in tasks:
+        mine = [r for r in runs if (r["task"], r["steps"], r.get("seed", 0)) == (task.name, task.steps, 0)]
+        rows, target = summarise(mine, names)
+        best = {row["optimizer"]: row["lr"] for row in rows if row["run"] is not None}
+        seconds: dict[str, list[float]] = {n: [] for n in names if n in best}
+        steps: dict[str, int] = {}
+        for _ in range(repeats):
+            for name in seconds:
+                hit = first_reaching(run_one(task, make_spec(name), best[name]), target)
+                if hit is not None:
+                    seconds[name].append(hit["time"])
+                    steps[name] = int(hit["step"])
+        base = statistics.median(seconds["adamw"]) if seconds.get("adamw") else math.nan
+        for name, values in seconds.items():
+            if not values:
+                continue
+            median = statistics.median(values)
+            rounds = ", ".join(f"{v:.1f}" for v in values)
+            lines.append(
+                f"| {task.name} | {name} | {best[name]:.3g} | {steps[name]} | {median:.1f} "
+                f"| {median / base:.2f} | {rounds} |"
+            )
+    return "\n".join(lines)
+
+
 def execute(plan: Plan, out: Path) -> list[dict[str, Any]]:
     """Run what ``out/results.jsonl`` does not have yet; every run is appended as it finishes."""
     path = out / "results.jsonl"
@@ -280,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", default="", help="extra seeds (e.g. 1,2): rerun --seed-optimizers at their best lr"
     )
     parser.add_argument("--seed-optimizers", default="adamw,shampoo_callback,shampoo,soap")
+    parser.add_argument(
+        "--retime",
+        type=int,
+        default=0,
+        help="rerun --seed-optimizers N times at their best lr and print the median wall-clock to target",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _quiet()
@@ -307,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = execute(sweep_plan(tasks, names, lr_index), out)
         if seeds:
             runs = execute(seed_plan(tasks, seed_names, seeds, runs), out)
+    if args.retime:
+        print(retime(tasks, seed_names, runs, args.retime))
+        return 0
     if args.no_report:
         return 0
     by_task = {}
