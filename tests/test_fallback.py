@@ -229,3 +229,38 @@ def test_no_retries_means_staying_in_fallback(tmp_path: Path, monkeypatch: pytes
     assert all(seen.modes[s] == dict.fromkeys(WEIGHTS, "grafting") for s in range(2, 7))
     assert fallback.counters == {"switches": 4, "retries": 0, "recoveries": 0, "gave_up": 4}
     assert all(seen.finite.values())
+
+
+def test_counters_are_logged_on_the_loggers_steps_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks run on their own cadence (every 3 steps) but the counters go through ``log_dict`` only
+    on the Trainer's logging steps (every 4): Lightning would drop the others, at ~0.3 ms per key."""
+    logged_at: list[int] = []
+    original = pl.LightningModule.log_dict
+
+    def log_dict(self: pl.LightningModule, metrics: dict, *args: Any, **kwargs: Any) -> None:
+        if "shampoo/fallback_switches" in metrics:
+            logged_at.append(self.trainer.global_step)
+        original(self, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log_dict", log_dict)
+    fallback = SGDFallback(check_every_n_steps=3)
+    failures = EighFailures(range(2, 4))
+    monkeypatch.setattr(torch.linalg, "eigh", failures.eigh)
+    trainer = cpu_trainer(
+        tmp_path,
+        max_steps=12,
+        log_every_n_steps=4,
+        logger=CSVLogger(tmp_path),
+        callbacks=[failures, fallback],
+    )
+    trainer.fit(ShampooDigits(), datamodule=digits())
+    assert logged_at == [4, 8, 12]
+    assert fallback.counters["switches"] == 4  # the check at step 3 still switched every weight block
+    rows = [
+        r
+        for r in read_csv_metrics(Path(trainer.logger.log_dir) / "metrics.csv")
+        if "shampoo/fallback_switches" in r
+    ]
+    assert [r["shampoo/fallback_switches"] for r in rows] == [4.0, 4.0, 4.0]

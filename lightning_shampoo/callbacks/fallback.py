@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 
 from ..health import BlockHealth
 from ..optim import Shampoo
-from ._health_table import gather_trainer_health, local_block_keys, shampoo_optimizers
+from ._health_table import gather_trainer_health, is_logging_step, local_block_keys, shampoo_optimizers
 
 __all__ = ["FallbackRecord", "SGDFallback"]
 
@@ -122,15 +122,18 @@ class SGDFallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == 0 or step == self._last_step or step % self.check_every_n_steps:
-            return  # not a check step (or a gradient-accumulation batch that did not step)
-        self._last_step = step
+        if step == 0 or step == self._last_step:
+            return  # a gradient-accumulation batch that did not step
         optimizers = shampoo_optimizers(trainer.optimizers)
         if not optimizers:
             return
-        for index, optimizer in optimizers:
-            records = gather_trainer_health(trainer, optimizer).records
-            self._check(trainer, index, optimizer, records, step)
+        if step % self.check_every_n_steps == 0:
+            self._last_step = step
+            for index, optimizer in optimizers:
+                records = gather_trainer_health(trainer, optimizer).records
+                self._check(trainer, index, optimizer, records, step)
+        if not is_logging_step(trainer):
+            return  # the counters change on check steps only; the loggers read them on theirs
         p = self.prefix
         pl_module.log_dict(
             {
