@@ -453,7 +453,7 @@ def test_helper_callbacks_are_added_before_checkpointing(tmp_path: Path) -> None
     ]
     assert kinds.index(ModelCheckpoint) > at + 3
     assert callback.frequency_scheduler is not None
-    assert callback.frequency_scheduler.schedule == LogFrequency(min_frequency=1, max_frequency=8)
+    assert callback.frequency_scheduler.schedule == LogFrequency(min_frequency=2, max_frequency=8)
     assert callback.callbacks == trainer.callbacks[at + 1 : at + 4]
 
 
