@@ -95,6 +95,12 @@ def summarise(runs: list[dict[str, Any]], names: list[str]) -> tuple[list[dict[s
     return rows, target
 
 
+def best_lrs(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``{optimizer: learning rate of its best run}`` from ``summarise``'s rows (optimizers that
+    diverged at every learning rate are left out)."""
+    return {row["optimizer"]: row["lr"] for row in rows if row["run"] is not None}
+
+
 def seed_table(runs: list[dict[str, Any]], names: list[str], seeds: list[int]) -> str:
     """Steps to AdamW's final loss (×AdamW's) per seed, each optimizer at its best seed-0 lr."""
     header = "| optimizer | " + " | ".join(f"seed {s}" for s in seeds) + " |"
@@ -106,11 +112,9 @@ def seed_table(runs: list[dict[str, Any]], names: list[str], seeds: list[int]) -
         "|---|" + "---:|" * len(seeds),
     ]
     cells: dict[str, list[str]] = {n: [] for n in names}
+    best = best_lrs(summarise([r for r in runs if r.get("seed", 0) == 0], names)[0])
     for seed in seeds:
         seeded = [r for r in runs if r.get("seed", 0) == seed]
-        first = [r for r in runs if r.get("seed", 0) == 0]
-        best_rows, _ = summarise(first, names)
-        best = {row["optimizer"]: row["lr"] for row in best_rows if row["run"] is not None}
         picked = [r for r in seeded if best.get(r["optimizer"]) == r["lr"]]
         rows, _ = summarise(picked, names)
         found = {row["optimizer"]: row for row in rows}

@@ -126,12 +126,16 @@ def _autoencoder() -> nn.Module:
     return nn.Sequential(*layers)  # logits; the loss applies the sigmoid
 
 
-def mlp_task(steps: int = 400) -> Task:
+def _digits_classifier(
+    name: str, model: str, make_model: Callable[[], nn.Module], image: tuple[int, ...], steps: int
+) -> Task:
+    """A digits classifier task: batch 32, cross-entropy, images shaped ``image``."""
     xt, yt, xv, yv = _digits(0)
+    xt, xv = xt.view(-1, *image), xv.view(-1, *image)
     return Task(
-        "mlp",
-        "MLP 64-128-128-64-10 (tanh), digits, batch 32, cross-entropy",
-        _mlp,
+        name,
+        f"{model}, digits, batch 32, cross-entropy",
+        make_model,
         _classify,
         TensorDataset(xt, yt),
         (xt, yt),
@@ -143,22 +147,13 @@ def mlp_task(steps: int = 400) -> Task:
     )
 
 
+def mlp_task(steps: int = 400) -> Task:
+    return _digits_classifier("mlp", "MLP 64-128-128-64-10 (tanh)", _mlp, (64,), steps)
+
+
 def cnn_task(steps: int = 400) -> Task:
-    xt, yt, xv, yv = _digits(0)
-    image = (1, 8, 8)
-    return Task(
-        "cnn",
-        "CNN conv3x3(16)-conv3x3(32)-pool-512-64-10 (ReLU), digits, batch 32, cross-entropy",
-        _cnn,
-        _classify,
-        TensorDataset(xt.view(-1, *image), yt),
-        (xt.view(-1, *image), yt),
-        (xv.view(-1, *image), yv),
-        steps=steps,
-        batch_size=32,
-        lrs=LR_GRID,
-        warmup=steps // 20,
-    )
+    cnn = "CNN conv3x3(16)-conv3x3(32)-pool-512-64-10 (ReLU)"
+    return _digits_classifier("cnn", cnn, _cnn, (1, 8, 8), steps)
 
 
 def autoencoder_task(steps: int = 600) -> Task:

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _optimizers import DEFAULT_OPTIMIZERS, PEERS, Spec, make_spec, peer_status, state_bytes
-from _report import first_reaching, plot_task, seed_table, summarise, table_markdown, write_report
+from _report import best_lrs, first_reaching, plot_task, seed_table, summarise, table_markdown, write_report
 from _tasks import TASKS, Task, mlp_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,8 +208,7 @@ def seed_plan(tasks: list[Task], optimizers: list[str], seeds: list[int], runs: 
     plan = []
     for task in tasks:
         mine = [r for r in runs if (r["task"], r["steps"], r.get("seed", 0)) == (task.name, task.steps, 0)]
-        rows, _ = summarise(mine, optimizers)
-        best = {row["optimizer"]: row["lr"] for row in rows if row["run"] is not None}
+        best = best_lrs(summarise(mine, optimizers)[0])
         for seed in seeds:
             seeded = replace(task, seed=seed)
             plan += [(seeded, name, best[name]) for name in optimizers if name in best]
@@ -229,7 +228,7 @@ def retime(tasks: list[Task], names: list[str], runs: list[dict[str, Any]], repe
     for task in tasks:
         mine = [r for r in runs if (r["task"], r["steps"], r.get("seed", 0)) == (task.name, task.steps, 0)]
         rows, target = summarise(mine, names)
-        best = {row["optimizer"]: row["lr"] for row in rows if row["run"] is not None}
+        best = best_lrs(rows)
         seconds: dict[str, list[float]] = {n: [] for n in names if n in best}
         steps: dict[str, int] = {}
         for _ in range(repeats):

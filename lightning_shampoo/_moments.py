@@ -14,8 +14,9 @@ from .preconditioners.base import ema_, per_block
 __all__ = ["filter_description", "filtered_gradient", "momentum_"]
 
 
-def filtered_gradient(opt: dict, grad: Tensor, ctx: Context, group: dict[str, Any], step: int) -> Tensor:
-    """β₁-EMA of the gradient (``beta3`` for the current step, bias-corrected), or the gradient."""
+def filtered_gradient(opt: dict, grad: Tensor, ctx: Context, group: dict[str, Any]) -> Tensor:
+    """β₁-EMA of the gradient (``beta3`` for the current step, divided by
+    ``ctx.bias_correction1``, see ``filter_description``), or the gradient."""
     beta1 = group["betas"][0]
     if beta1 == 0.0:
         return grad
@@ -27,7 +28,7 @@ def filtered_gradient(opt: dict, grad: Tensor, ctx: Context, group: dict[str, An
     ema_(buffer, grad, beta1, ctx.live)
     filtered = buffer if current is None else current
     if group["use_bias_correction"]:
-        filtered = filtered / (1.0 - beta3 * beta1 ** (step - 1))
+        filtered = filtered / ctx.bias_correction1
     return filtered
 
 

@@ -351,7 +351,7 @@ class Shampoo(torch.optim.Optimizer):
             self._refresh_clock += refresh_bucket(plan, state, ctx, commit)
         kernel.update_after_refresh(precond, grad, ctx)
 
-        filtered = filtered_gradient(opt, grad, ctx, group, step)
+        filtered = filtered_gradient(opt, grad, ctx, group)
         use_grafting_method = step < start and graft is not None
         if use_grafting_method:
             assert graft is not None

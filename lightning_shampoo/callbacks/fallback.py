@@ -124,11 +124,11 @@ class SGDFallback(pl.Callback):
         step = trainer.global_step
         if step == 0 or step == self._last_step:
             return  # a gradient-accumulation batch that did not step
+        self._last_step = step
         optimizers = shampoo_optimizers(trainer.optimizers)
         if not optimizers:
             return
         if step % self.check_every_n_steps == 0:
-            self._last_step = step
             for index, optimizer in optimizers:
                 records = gather_trainer_health(trainer, optimizer).records
                 self._check(trainer, index, optimizer, records, step)

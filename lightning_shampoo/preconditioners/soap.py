@@ -140,7 +140,7 @@ class SOAPPreconditioner(Preconditioner):
         for i in self.basis_dims:
             key = f"eigenvectors.{i}"
             matrix = state[f"factor.{i}"] / bc2
-            old = state[key].to(matrix.dtype, copy=True)  # commit_ writes state[key] in place
+            old = state[key].to(matrix.dtype, copy=rotate)  # commit_ writes state[key] in place
             values, vectors, permutation, failed = eigendecompose(
                 matrix, self.cfg.amortized_computation_config, old, warm=ctx.warm
             )
