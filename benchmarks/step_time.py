@@ -39,8 +39,10 @@ from _models import TinyTransformerLM, lm_loss
 
 from lightning_shampoo import (
     AdamPreconditionerConfig,
+    CoupledNewtonConfig,
     EigenvalueCorrectedShampooPreconditionerConfig,
     PSGDKronPreconditionerConfig,
+    QREigendecompositionConfig,
     RootInvShampooPreconditionerConfig,
     Shampoo,
 )
@@ -69,21 +71,37 @@ def _shampoo(params, frequency: int, config, **kwargs) -> Shampoo:
     )
 
 
-def candidates() -> dict[str, Callable[[list[nn.Parameter], int], torch.optim.Optimizer]]:
-    """Name → factory(params, precondition_frequency)."""
-    return {
+def _soap(params, frequency: int, config: EigenvalueCorrectedShampooPreconditionerConfig) -> Shampoo:
+    return Shampoo(
+        params,
+        lr=1e-3,
+        betas=(0.95, 0.95),
+        epsilon=1e-8,
+        weight_decay=0.01,
+        max_preconditioner_dim=512,
+        precondition_frequency=frequency,
+        preconditioner_config=config,
+    )
+
+
+Factory = Callable[[list[nn.Parameter], int], torch.optim.Optimizer]
+
+
+def candidates(variants: bool = False) -> dict[str, Factory]:
+    """Name → factory(params, precondition_frequency); ``variants`` adds the matmul-only refreshes
+    (coupled Newton roots, warm-started QR eigenbases), which matter where ``eigh`` is slow (CUDA)."""
+    made: dict[str, Factory] = {
         "Shampoo (root-inverse)": lambda p, f: _shampoo(p, f, RootInvShampooPreconditionerConfig()),
-        "SOAP": lambda p, f: Shampoo(
-            p,
-            lr=1e-3,
-            betas=(0.95, 0.95),
-            epsilon=1e-8,
-            weight_decay=0.01,
-            max_preconditioner_dim=512,
-            precondition_frequency=f,
-            preconditioner_config=EigenvalueCorrectedShampooPreconditionerConfig(),
-        ),
+        "SOAP": lambda p, f: _soap(p, f, EigenvalueCorrectedShampooPreconditionerConfig()),
     }
+    if variants:
+        newton = RootInvShampooPreconditionerConfig(amortized_computation_config=CoupledNewtonConfig())
+        qr = EigenvalueCorrectedShampooPreconditionerConfig(
+            amortized_computation_config=QREigendecompositionConfig()
+        )
+        made["Shampoo (root-inverse, coupled Newton)"] = lambda p, f: _shampoo(p, f, newton)
+        made["SOAP (QR power iteration)"] = lambda p, f: _soap(p, f, qr)
+    return made
 
 
 def psgd(params, probability: float, mode: str) -> Shampoo:
@@ -137,7 +155,7 @@ def part_a(args: argparse.Namespace) -> None:
         return base, statistics.median(c for _, c in pairs), statistics.median(c / a for a, c in pairs)
 
     rows = []
-    for name, make in candidates().items():
+    for name, make in candidates(args.variants).items():
         if args.direct:
             ratios = []
             for frequency in FREQUENCIES:
@@ -272,6 +290,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed plain steps per measurement")
     parser.add_argument("--refresh-steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", action="store_true", help="also coupled Newton and QR refreshes")
     parser.add_argument("--direct", action="store_true", help="run each frequency for real (GPU)")
     args = parser.parse_args()
     if args.threads:

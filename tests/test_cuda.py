@@ -1,0 +1,177 @@
+"""CUDA checks (skipped without a GPU; CI has none): every preset computes on the GPU what it
+computes on the CPU, plain steps never synchronise with the host, the bucketed path equals the
+block loop there too, and the drop-in callback trains a module on ``accelerator="gpu"``."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import make_batches, small_model
+from lightning_helpers import ShampooDigits, cpu_trainer, digits, finite_params
+from torch import nn
+
+from lightning_shampoo import (
+    PreconditionerConfig,
+    RootInvShampooPreconditionerConfig,
+    Shampoo,
+    ShampooCallback,
+    configure_shampoo,
+)
+from lightning_shampoo.configure import PRESET_NAMES, resolve_preset
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+STEPS = 12
+FREQUENCY = 4
+SHAPES = [(48, 40), (40, 24), (4, 6, 5), (40,)]  # random gradients: full-rank factors by step 2
+
+
+@pytest.fixture(autouse=True)
+def no_tf32() -> None:
+    """Full float32 matmuls and convolutions, so the comparisons measure our code, not TF32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _float64(config: PreconditionerConfig) -> PreconditionerConfig:
+    """The config with every storage dtype float64 (the factors default to float32, as in
+    Distributed Shampoo: their rounding would swamp a float64 comparison)."""
+    wide = {f.name: torch.float64 for f in fields(config) if isinstance(getattr(config, f.name), torch.dtype)}
+    return replace(config, **wide)
+
+
+def _optimizer(model: nn.Module, preset: str, wide: bool = False) -> Shampoo:
+    """The preset without merged dimensions: merged, a 40x24 weight gets one 960x960 factor that
+    stays rank-deficient for hundreds of steps, and with the Shampoo presets' epsilon 1e-12 its
+    null space magnifies rounding (float32 vs float64 on the CPU alone: 15% after 12 steps).
+    Muon needs the merge (its 3-D weight becomes a matrix)."""
+    merge = preset == "muon"
+    config = _float64(resolve_preset(preset).config) if wide else preset
+    opt = configure_shampoo(model, config, lr=1e-2, precondition_frequency=FREQUENCY, use_merge_dims=merge)
+    assert isinstance(opt, Shampoo)
+    return opt
+
+
+class _Params(nn.Module):
+    """Bare parameters of :data:`SHAPES` (``configure_shampoo`` takes a module)."""
+
+    def __init__(self, dtype: torch.dtype, device: str) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        draws = [0.1 * torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+        self.weights = nn.ParameterList(nn.Parameter(d.to(device, dtype)) for d in draws)
+
+
+def _feed(model: nn.Module, opt: torch.optim.Optimizer, steps: int = STEPS) -> None:
+    """Gradients ``G_t + 0.1·p`` with ``G_t`` drawn on the CPU in float64: the optimizer alone is
+    compared (a model's forward on the GPU rounds differently from the CPU's, and the small
+    factors of an early Shampoo step amplify any such difference)."""
+    g = torch.Generator().manual_seed(1)
+    params = list(model.parameters())
+    for _ in range(steps):
+        for p in params:
+            draw = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
+            p.grad = draw + 0.1 * p.detach()
+        opt.step()
+
+
+def _relative(ours: nn.Module, reference: nn.Module) -> float:
+    num = den = 0.0
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        a64, b64 = a.detach().cpu().double(), b.detach().cpu().double()
+        num += float((a64 - b64).square().sum())
+        den += float(b64.square().sum())
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_cuda_matches_cpu(preset: str) -> None:
+    reference, initial = _Params(torch.float64, "cpu"), _Params(torch.float64, "cpu")
+    _feed(reference, _optimizer(reference, preset, wide=True))
+    assert _relative(reference, initial) > 1e-2  # it trained
+    ours64 = _Params(torch.float64, "cuda")  # the same function up to float64 rounding
+    _feed(ours64, _optimizer(ours64, preset, wide=True))
+    assert _relative(ours64, reference) < 1e-9
+    ours32 = _Params(torch.float32, "cuda")  # as users run it: float32 factors
+    opt = _optimizer(ours32, preset)
+    _feed(ours32, opt)
+    assert _relative(ours32, reference) < 1e-4
+    assert _state_devices(opt) == {"cuda"}
+
+
+def _state_devices(opt: torch.optim.Optimizer) -> set[str]:
+    def walk(value: object) -> set[str]:
+        if isinstance(value, dict):
+            return set().union(*(walk(v) for v in value.values()))
+        return {value.device.type} if torch.is_tensor(value) else set()
+
+    return walk(dict(opt.state))
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_plain_steps_never_synchronise(preset: str) -> None:
+    """``torch.cuda.set_sync_debug_mode("error")`` raises on any blocking host sync in a step."""
+    model = small_model().cuda()
+    opt = _optimizer(model, preset)
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(3 * FREQUENCY)]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    for x, y in batches[:FREQUENCY]:  # first refreshes, lazy state
+        step(x, y)
+    torch.cuda.synchronize()
+    for i, (x, y) in enumerate(batches[FREQUENCY:], start=FREQUENCY + 1):
+        if i % FREQUENCY == 0:
+            step(x, y)  # refresh step: eigh/solvers may check their status on the host
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(x, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_bucketed_equals_block_loop_on_cuda() -> None:
+    """On the GPU batched and single matmuls round differently (on the CPU they agree bitwise).
+    The 1-D parameter's 16x16 blocks get rank-1 updates, so they stay rank-deficient; with the
+    default epsilon (1e-12) a 1e-15 change of the gradients moves it by ~50% on the CPU alone,
+    with 1e-4 by ~1e-11: the comparison uses 1e-4."""
+    config = _float64(RootInvShampooPreconditionerConfig())
+    kwargs = dict(lr=1e-2, epsilon=1e-4, max_preconditioner_dim=16, precondition_frequency=2)
+    kwargs["preconditioner_config"] = config
+    bucketed, looped = _Params(torch.float64, "cuda"), _Params(torch.float64, "cuda")
+    for model, bucketing in ((bucketed, True), (looped, False)):
+        _feed(model, Shampoo(model.parameters(), use_bucketing=bucketing, **kwargs))
+    assert _relative(bucketed, looped) < 1e-9
+
+
+class _StateDevices(pl.Callback):
+    """The devices of the optimizer's state tensors while training (teardown moves them back)."""
+
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        self.devices |= _state_devices(trainer.optimizers[0])
+
+
+def test_callback_trains_on_gpu(tmp_path: Path) -> None:
+    module = ShampooDigits()
+    module.configure_optimizers = lambda: torch.optim.AdamW(module.parameters(), lr=3e-3)  # type: ignore[method-assign]
+    devices = _StateDevices()
+    trainer = cpu_trainer(tmp_path, accelerator="gpu", max_steps=30, callbacks=[ShampooCallback(), devices])
+    trainer.fit(module, datamodule=digits())
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, Shampoo)
+    assert finite_params(module)
+    assert any(r.last_refresh_step > 0 for r in opt.health())
+    assert devices.devices == {"cuda"}
