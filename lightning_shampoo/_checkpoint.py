@@ -21,7 +21,7 @@ __all__ = ["SECTIONS", "load_state_dict", "to_state_dict"]
 
 SECTIONS = ("precond", "graft", "opt")
 _NOT_SAVED = {"params", "param_names", "preconditioner_config", "grafting_config"}
-_LAYOUT_KEYS = ("max_preconditioner_dim", "use_merge_dims", "stacked")
+_LAYOUT_KEYS = ("max_preconditioner_dim", "use_merge_dims", "stacked", "skip_preconditioning_rank_lt")
 
 
 def _plain(value: Any) -> bool:

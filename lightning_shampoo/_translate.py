@@ -14,7 +14,9 @@ mapping below makes equal to the source optimizer's update:
 ``Adagrad``                ``betas=(0, β)``, ``AdaGradPreconditionerConfig(eps)``, L2
 =========================  ==========================================================================
 
-``β`` (the factor EMA) and the preconditioner settings come from the caller.
+``β`` (the factor EMA) and the preconditioner settings come from the caller; with
+``skip_preconditioning_rank_lt`` among them, the parameters it skips take the grafting direction
+alone — the source optimizer's update — for the whole run.
 """
 
 from __future__ import annotations

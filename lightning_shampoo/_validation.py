@@ -87,6 +87,13 @@ def validate_group(group: dict[str, Any]) -> None:
             "grafting_config must be None or one of "
             f"{[c.__name__ for c in GRAFTING_CONFIGS]}, got {type(graft).__name__}"
         )
+    skip = group.get("skip_preconditioning_rank_lt", 0)
+    if not (isinstance(skip, int) and not isinstance(skip, bool) and skip >= 0):
+        raise ValueError(f"skip_preconditioning_rank_lt must be an int >= 0, got {skip!r}")
+    if skip > 0 and graft is None:
+        raise ValueError(
+            "skip_preconditioning_rank_lt > 0 needs a grafting_config: it steps the skipped parameters"
+        )
     for key in (
         "use_bias_correction",
         "use_decoupled_weight_decay",

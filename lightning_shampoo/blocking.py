@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +27,13 @@ __all__ = [
     "BucketMember",
     "ParamLayout",
     "Region",
+    "block_configs",
     "build_buckets",
     "gather",
     "layout_param",
     "processed_shape",
     "scatter_add_",
+    "skips_preconditioning",
 ]
 
 
@@ -107,6 +109,11 @@ class ParamLayout:
     @property
     def num_blocks(self) -> int:
         return sum(r.count for r in self.regions)
+
+    @property
+    def rank(self) -> int:
+        """Dims of size > 1 of the parameter as given (stacked dim excluded): 1 for a bias."""
+        return sum(d > 1 for d in (self.shape[1:] if self.stacked else self.shape))
 
     @property
     def block_order(self) -> int:
@@ -198,6 +205,18 @@ class Bucket:
         return [(m.param.index, b) for m in self.members for b in m.region.block_ids]
 
 
+def skips_preconditioning(group: Mapping[str, Any], layout: ParamLayout) -> bool:
+    """Whether the group's ``skip_preconditioning_rank_lt`` leaves this parameter to its grafting."""
+    return layout.rank < group["skip_preconditioning_rank_lt"]
+
+
+def block_configs(group: Mapping[str, Any], layout: ParamLayout) -> tuple[Any, Any]:
+    """``(preconditioner config, grafting config or None)`` of one parameter's blocks."""
+    if skips_preconditioning(group, layout):
+        return group["grafting_config"], None
+    return group["preconditioner_config"], group["grafting_config"]
+
+
 def build_buckets(
     group: int,
     layouts: Iterable[tuple[ParamLayout, torch.dtype, torch.device]],
@@ -205,6 +224,7 @@ def build_buckets(
     bucketing: bool = True,
     owns: Callable[[int, int], bool] | None = None,
     max_numel: int | None = None,
+    tag: Callable[[ParamLayout], Hashable] | None = None,
 ) -> list[Bucket]:
     """Group the blocks of one param group into buckets.
 
@@ -212,7 +232,8 @@ def build_buckets(
     ``owns(param_index, block_index)`` keeps only the blocks this process is responsible for.
     ``max_numel`` caps a bucket's largest per-step tensor (``n·max(block numel, dᵢ²)`` elements):
     beyond a few blocks batching gains nothing, while very large temporaries cost memory (and on
-    CPU, fresh pages for every allocation).
+    CPU, fresh pages for every allocation). Blocks whose parameters ``tag`` tells apart never
+    share a bucket (they get different preconditioners).
     """
     grouped: dict[tuple[Any, ...], list[tuple[ParamLayout, Region]]] = {}
     for layout, dtype, device in layouts:
@@ -222,7 +243,7 @@ def build_buckets(
                 if owns is not None and not owns(layout.index, part.block_ids[0]):
                     continue
                 shape = part.block_shape[1:] if layout.stacked else part.block_shape
-                key: tuple[Any, ...] = (shape, dtype, str(device))
+                key: tuple[Any, ...] = (shape, dtype, str(device), tag(layout) if tag else None)
                 if not bucketing:
                     key = (*key, layout.index, part.block_ids[0])
                 grouped.setdefault(key, []).append((layout, part))

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .blocking import Bucket, build_buckets, scatter_add_
+from .blocking import Bucket, block_configs, build_buckets, scatter_add_, skips_preconditioning
 from .preconditioners import make_preconditioner
 
 if TYPE_CHECKING:
@@ -144,18 +144,20 @@ def plan_ownership(optimizer: Shampoo, world_size: int, cost_model: CostModel | 
     """Assign every block of ``optimizer`` to a rank: LPT over ``cost_model`` (default
     ``refresh_weighted_cost``), which is called with each group's ``precondition_frequency``."""
     model = cost_model or refresh_weighted_cost
-    factor_dims: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}
+    factor_dims: dict[tuple[int, tuple[int, ...], bool], tuple[int, ...]] = {}
     keys: list[tuple[int, int]] = []
     costs: list[float] = []
     for g, (group, layouts) in enumerate(zip(optimizer.param_groups, optimizer._layouts)):
         frequency = int(group["precondition_frequency"])
         for layout, _, _ in layouts:
+            config, _ = block_configs(group, layout)
+            skipped = skips_preconditioning(group, layout)
             for block, shape in sorted(layout.block_shapes().items()):
-                if (g, shape) not in factor_dims:
-                    kernel = make_preconditioner(group["preconditioner_config"], shape, layout.name)
-                    factor_dims[(g, shape)] = tuple(kernel.factor_dims)
+                if (g, shape, skipped) not in factor_dims:
+                    kernel = make_preconditioner(config, shape, layout.name)
+                    factor_dims[(g, shape, skipped)] = tuple(kernel.factor_dims)
                 keys.append((layout.index, block))
-                costs.append(float(model(shape, factor_dims[(g, shape)], frequency)))
+                costs.append(float(model(shape, factor_dims[(g, shape, skipped)], frequency)))
     owners = lpt_assign(costs, world_size)
     return OwnershipPlan(dict(zip(keys, owners)), dict(zip(keys, costs)), world_size)
 

@@ -26,7 +26,16 @@ from . import _checkpoint
 from ._moments import filter_description, filtered_gradient, momentum_
 from ._refresh import due_blocks, refresh_bucket
 from ._validation import validate_group
-from .blocking import Bucket, ParamLayout, build_buckets, gather, layout_param, scatter_add_
+from .blocking import (
+    Bucket,
+    ParamLayout,
+    block_configs,
+    build_buckets,
+    gather,
+    layout_param,
+    scatter_add_,
+    skips_preconditioning,
+)
 from .health import FALLBACK_NAMES, BlockHealth, collect_health
 from .preconditioners import (
     Context,
@@ -75,6 +84,9 @@ class Shampoo(torch.optim.Optimizer):
     ``refresh_tolerance``: on scheduled refreshes, refresh only blocks whose factors drifted by
     more than this (relative) since their last refresh — see ``Preconditioner.drift``.
     ``max_bucket_numel`` caps the size of a bucket's batched tensors (see ``build_buckets``).
+    ``skip_preconditioning_rank_lt``: parameters with fewer dims of size > 1 (1 for biases and
+    norm scales) are stepped by ``grafting_config`` alone, with no Kronecker factors; 0 (the
+    default, as Distributed Shampoo) preconditions every parameter.
     """
 
     def __init__(
@@ -99,6 +111,7 @@ class Shampoo(torch.optim.Optimizer):
         use_bucketing: bool = True,
         refresh_tolerance: float | None = None,
         max_bucket_numel: int | None = 2**21,
+        skip_preconditioning_rank_lt: int = 0,
     ) -> None:
         self._plans: list[list[BucketPlan]] = []
         self._layouts: list[list[tuple[ParamLayout, torch.dtype, torch.device]]] = []
@@ -133,6 +146,7 @@ class Shampoo(torch.optim.Optimizer):
             preconditioner_config=preconditioner_config,
             use_merge_dims=use_merge_dims,
             refresh_tolerance=refresh_tolerance,
+            skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
             stacked=False,
         )
         super().__init__(params, defaults)
@@ -179,11 +193,16 @@ class Shampoo(torch.optim.Optimizer):
     def _make_plans(self, g: int, group: dict[str, Any], layouts: list) -> list[BucketPlan]:
         plans = []
         for bucket in build_buckets(
-            g, layouts, bucketing=self._use_bucketing, owns=self._owns, max_numel=self._max_bucket_numel
+            g,
+            layouts,
+            bucketing=self._use_bucketing,
+            owns=self._owns,
+            max_numel=self._max_bucket_numel,
+            tag=lambda layout: skips_preconditioning(group, layout),
         ):
             where = "parameter(s) " + ", ".join(dict.fromkeys(m.param.name for m in bucket.members))
-            kernel = make_preconditioner(group["preconditioner_config"], bucket.block_shape, where)
-            graft = group["grafting_config"]
+            config, graft = block_configs(group, bucket.members[0].param)
+            kernel = make_preconditioner(config, bucket.block_shape, where)
             graft_kernel = None if graft is None else make_preconditioner(graft, bucket.block_shape, where)
             plans.append(BucketPlan(bucket, kernel, graft_kernel))
         return plans

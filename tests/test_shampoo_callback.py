@@ -379,8 +379,18 @@ def test_every_preset_works_as_drop_in(preconditioner: str) -> None:
         assert group["grafting_config"] == AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
         assert group["start_preconditioning_step"] == 2
     assert optimizer._use_bucketing is False
-    if optimizer.plans[0].kernel.amortized:
-        assert all(h.last_refresh_step >= 2 for h in optimizer.health())
+    records = optimizer.health()
+    vectors = [h for h in records if h.param_name.endswith("bias")]
+    matrices = [h for h in records if h.param_name.endswith("weight")]
+    assert matrices and vectors and len(matrices) + len(vectors) == len(records)
+    # Biases take the wrapped AdamW's own update (its Adam, no grafting); weights the preset.
+    assert {h.preconditioner for h in vectors} == {"adam"}
+    bias_plans = [p for p in optimizer.plans if p.bucket.members[0].param.name.endswith("bias")]
+    assert bias_plans and all(p.graft is None for p in bias_plans)
+    if preconditioner != "adam":
+        assert "adam" not in {h.preconditioner for h in matrices}
+    if any(p.kernel.amortized for p in optimizer.plans):
+        assert all(h.last_refresh_step >= 2 for h in matrices)
     for p, p0 in zip(model.parameters(), before):
         assert torch.isfinite(p).all() and not torch.equal(p, p0)
 
