@@ -22,6 +22,8 @@ __all__ = ["SECTIONS", "load_state_dict", "to_state_dict"]
 SECTIONS = ("precond", "graft", "opt")
 _NOT_SAVED = {"params", "param_names", "preconditioner_config", "grafting_config"}
 _LAYOUT_KEYS = ("max_preconditioner_dim", "use_merge_dims", "stacked", "skip_preconditioning_rank_lt")
+#: What a checkpoint older than a layout key implies for it.
+_LAYOUT_DEFAULTS = {"skip_preconditioning_rank_lt": 0}
 
 
 def _plain(value: Any) -> bool:
@@ -73,9 +75,10 @@ def load_state_dict(optimizer: Shampoo, state_dict: dict[str, Any]) -> None:
                 f"this optimizer has {len(current['params'])}"
             )
         for key in _LAYOUT_KEYS:  # they decide the blocks, so they cannot change on load
-            if key in saved and saved[key] != current[key]:
+            value = saved.get(key, _LAYOUT_DEFAULTS.get(key, current[key]))
+            if value != current[key]:
                 raise ValueError(
-                    f"param group {g}: state_dict has {key}={saved[key]!r}, this optimizer has "
+                    f"param group {g}: state_dict has {key}={value!r}, this optimizer has "
                     f"{key}={current[key]!r}; the preconditioner blocks would not match"
                 )
         for saved_key in saved["params"]:

@@ -85,6 +85,11 @@ def test_checkpoint_refuses_a_different_setting() -> None:
     with pytest.raises(ValueError, match="skip_preconditioning_rank_lt"):
         _skipping(model, rank_lt=0).load_state_dict(saved)
     _skipping(model).load_state_dict(saved)  # the same setting loads
+    # A checkpoint from before the option existed implies 0: refused, not misread.
+    for group in saved["param_groups"]:
+        del group["skip_preconditioning_rank_lt"]
+    with pytest.raises(ValueError, match="skip_preconditioning_rank_lt=0"):
+        _skipping(model).load_state_dict(saved)
 
 
 def test_planner_costs_skipped_blocks_as_diagonal() -> None:
