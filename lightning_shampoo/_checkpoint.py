@@ -1,29 +1,41 @@
 """Optimizer state ↔ a checkpoint keyed by (parameter, block), independent of buckets and ranks.
 
 ``state[param_index]["block_{b}.{section}.{name}"]`` holds block ``b``'s row of a bucket tensor,
-where ``section`` is ``precond`` (the preconditioner's statistics), ``graft`` (the grafting
-preconditioner's) or ``opt`` (filtered gradient, momentum, health counters). Param groups keep
-their plain hyperparameters (and the step count); config objects are not saved, so a checkpoint
-holds only tensors and plain Python values and loads with ``torch.load(weights_only=True)``.
+for the sections of ``_workspace.SECTIONS`` (``precond``, ``graft``, ``moments``, ``status``).
+Saving and loading are mechanical row stacking over the declared schema. Param groups keep their
+plain hyperparameters (and the step count); config objects are not saved, so a checkpoint holds
+only tensors and plain Python values and loads with ``torch.load(weights_only=True)``.
+
+Checkpoints of earlier versions (one ``opt`` section holding both the moments and the per-block
+bookkeeping, no per-block step count) are read by renaming; what they lack starts from its
+declared initial value (the step count from the group's).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .optim import Shampoo
+from .plan import Bucket
 
-__all__ = ["SECTIONS", "load_state_dict", "to_state_dict"]
+__all__ = ["LAYOUT_KEYS", "check_groups", "load_rows", "saved_groups", "state_rows"]
 
-SECTIONS = ("precond", "graft", "opt")
 _NOT_SAVED = {"params", "param_names", "preconditioner_config", "grafting_config"}
-_LAYOUT_KEYS = ("max_preconditioner_dim", "use_merge_dims", "stacked", "skip_preconditioning_rank_lt")
+#: Group options that decide the blocks: they cannot change on load.
+LAYOUT_KEYS = (
+    "max_preconditioner_dim",
+    "use_merge_dims",
+    "stacked",
+    "skip_preconditioning_rank_lt",
+    "target_parameter_dimensionality",
+)
 #: What a checkpoint older than a layout key implies for it.
-_LAYOUT_DEFAULTS = {"skip_preconditioning_rank_lt": 0}
+_LAYOUT_DEFAULTS: dict[str, Any] = {"skip_preconditioning_rank_lt": 0, "target_parameter_dimensionality": 1}
+#: Legacy ``opt.*`` entries that moved to the ``moments`` section.
+_MOMENTS = ("filtered_grad", "momentum_buffer")
 
 
 def _plain(value: Any) -> bool:
@@ -34,109 +46,119 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def to_state_dict(optimizer: Shampoo) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for plan in optimizer.plans:
-        bucket_state = optimizer.state.get(plan.bucket.key)  # type: ignore[call-overload]
-        if bucket_state is None:
+def state_rows(buckets: Iterable[Bucket], state: Mapping[str, Any]) -> dict[int, dict[str, Tensor]]:
+    """Every bucket row as ``{param_index: {"block_{b}.{section}.{name}": row}}`` (views)."""
+    out: dict[int, dict[str, Tensor]] = {}
+    for bucket in buckets:
+        sections = state.get(bucket.key)
+        if sections is None:
             continue
-        for row, (pidx, bidx) in enumerate(plan.bucket.rows()):
-            entry = state.setdefault(pidx, {})
-            for section in SECTIONS:
-                for name, tensor in bucket_state[section].items():
+        for row, (pidx, bidx) in enumerate(bucket.rows()):
+            entry = out.setdefault(pidx, {})
+            for section, tensors in sections.items():
+                for name, tensor in tensors.items():
                     entry[f"block_{bidx}.{section}.{name}"] = tensor[row]
-    groups = []
-    start = 0
-    for group in optimizer.param_groups:
+    return out
+
+
+def saved_groups(param_groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The param groups as saved: plain values only, ``params`` as running indices."""
+    groups, start = [], 0
+    for group in param_groups:
         saved = {k: v for k, v in group.items() if k not in _NOT_SAVED and _plain(v)}
         saved["params"] = list(range(start, start + len(group["params"])))
         start += len(group["params"])
         groups.append(saved)
-    return {"state": state, "param_groups": groups}
+    return groups
 
 
-def _block_ids(entry: dict[str, Any]) -> set[int]:
-    return {int(key.split(".", 1)[0][len("block_") :]) for key in entry}
-
-
-def load_state_dict(optimizer: Shampoo, state_dict: dict[str, Any]) -> None:
-    """Check everything first, then write: a rejected checkpoint leaves the optimizer untouched."""
-    groups = state_dict["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(
-            f"state_dict has {len(groups)} param groups, this optimizer has {len(optimizer.param_groups)}"
-        )
+def check_groups(saved: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]) -> dict[int, Any]:
+    """Refuse a checkpoint whose groups or blocks cannot match; returns ``param index → saved key``."""
+    if len(saved) != len(current):
+        raise ValueError(f"state_dict has {len(saved)} param groups, this optimizer has {len(current)}")
     saved_id: dict[int, Any] = {}
     index = 0
-    for g, (current, saved) in enumerate(zip(optimizer.param_groups, groups)):
-        if len(saved["params"]) != len(current["params"]):
+    for g, (now, then) in enumerate(zip(current, saved)):
+        if len(then["params"]) != len(now["params"]):
             raise ValueError(
-                f"param group {g}: state_dict has {len(saved['params'])} params, "
-                f"this optimizer has {len(current['params'])}"
+                f"param group {g}: state_dict has {len(then['params'])} params, "
+                f"this optimizer has {len(now['params'])}"
             )
-        for key in _LAYOUT_KEYS:  # they decide the blocks, so they cannot change on load
-            value = saved.get(key, _LAYOUT_DEFAULTS.get(key, current[key]))
-            if value != current[key]:
+        for key in LAYOUT_KEYS:  # they decide the blocks, so they cannot change on load
+            value = then.get(key, _LAYOUT_DEFAULTS.get(key, now.get(key)))
+            if value != now.get(key):
                 raise ValueError(
                     f"param group {g}: state_dict has {key}={value!r}, this optimizer has "
-                    f"{key}={current[key]!r}; the preconditioner blocks would not match"
+                    f"{key}={now.get(key)!r}; the preconditioner blocks would not match"
                 )
-        for saved_key in saved["params"]:
+        for saved_key in then["params"]:
             saved_id[index] = saved_key
             index += 1
-    optimizer._ensure_state()
-    saved_state = state_dict["state"]
-    created: dict[tuple[int, str], tuple[dict[str, Tensor], tuple[int, ...], Tensor, torch.device]] = {}
-    copies: list[tuple[dict[str, Tensor], str, int, Tensor]] = []
+    return saved_id
+
+
+def _modernise(found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a legacy block entry set (``opt.*``) into the current sections."""
+    out = {}
+    for name, value in found.items():
+        section, _, key = name.partition(".")
+        if section == "opt":
+            section = "moments" if key in _MOMENTS else "status"
+        out[f"{section}.{key}"] = value
+    return out
+
+
+def load_rows(
+    saved_state: Mapping[Any, Mapping[str, Tensor]],
+    saved_id: Mapping[int, Any],
+    buckets: Sequence[Bucket],
+    state: Mapping[str, Any],
+    names: Sequence[str],
+    group_steps: Sequence[int],
+    *,
+    partial: bool,
+) -> list[tuple[Tensor, int, Tensor]]:
+    """Check a checkpoint's block rows against the declared state (shapes, presence, the block
+    set of every parameter) and return the ``(tensor, row, value)`` copies to make. ``partial``:
+    this optimizer holds only some blocks (sharded), so saved blocks it lacks are fine."""
+    copies: list[tuple[Tensor, int, Tensor]] = []
     blocks: dict[int, set[int]] = {}
-    for plan in optimizer.plans:
-        bucket_state = optimizer.state[plan.bucket.key]  # type: ignore[index]
-        device = next(iter(bucket_state["opt"].values())).device
-        for row, (pidx, bidx) in enumerate(plan.bucket.rows()):
+    for bucket in buckets:
+        sections = state[bucket.key]
+        for row, (pidx, bidx) in enumerate(bucket.rows()):
             blocks.setdefault(pidx, set()).add(bidx)
             entry = saved_state.get(saved_id[pidx])
             if not entry:
                 continue
             prefix = f"block_{bidx}."
-            found = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
-            for section in SECTIONS:
-                tensors = bucket_state[section]
-                shapes = {key: tensor.shape[1:] for key, tensor in tensors.items()}
-                for name, value in found.items():
-                    sec, _, key = name.partition(".")
-                    if sec == section and key not in tensors:  # created lazily by the saving run
-                        shape = (plan.bucket.size, *value.shape)
-                        created.setdefault((id(tensors), key), (tensors, shape, value, device))
-                        shapes[key] = torch.Size(created[(id(tensors), key)][1][1:])
-                for key, shape in shapes.items():
+            found = _modernise({k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)})
+            bucket.kernel.adopt_legacy(found)
+            if "status.step" not in found:  # older than per-block step counts
+                found["status.step"] = torch.tensor(group_steps[bucket.group])
+            for section, tensors in sections.items():
+                for key, tensor in tensors.items():
                     value = found.get(f"{section}.{key}")
-                    where = f"parameter {optimizer._names[pidx]!r} block {bidx} state {section}.{key}"
+                    where = f"parameter {names[pidx]!r} block {bidx} state {section}.{key}"
                     if value is None:
-                        if section == "opt":
-                            continue
+                        if section in ("moments", "status"):
+                            continue  # starts from its declared initial value
                         raise ValueError(
                             f"{where} is missing from the state_dict (was the preconditioner config changed?)"
                         )
-                    if tuple(value.shape) != tuple(shape):
+                    if tuple(value.shape) != tuple(tensor.shape[1:]):
                         raise ValueError(
-                            f"{where}: saved shape {tuple(value.shape)} != expected {tuple(shape)} "
-                            "(was max_preconditioner_dim or the preconditioner config changed?)"
+                            f"{where}: saved shape {tuple(value.shape)} != expected "
+                            f"{tuple(tensor.shape[1:])} (was max_preconditioner_dim or the preconditioner "
+                            "config changed?)"
                         )
-                    copies.append((tensors, key, row, value))
-    for pidx, current_blocks in blocks.items():
+                    copies.append((tensor, row, value))
+    for pidx, current in blocks.items():
         entry = saved_state.get(saved_id[pidx])
-        saved_blocks = _block_ids(entry) if entry else current_blocks
-        extra = saved_blocks - current_blocks if optimizer._owns is None else set()
-        if current_blocks - saved_blocks or extra:
+        saved_blocks = {int(k.split(".", 1)[0][len("block_") :]) for k in entry} if entry else current
+        extra = set() if partial else saved_blocks - current
+        if current - saved_blocks or extra:
             raise ValueError(
-                f"parameter {optimizer._names[pidx]!r}: the state_dict has blocks {sorted(saved_blocks)}, "
-                f"this optimizer has {sorted(current_blocks)} (was max_preconditioner_dim changed?)"
+                f"parameter {names[pidx]!r}: the state_dict has blocks {sorted(saved_blocks)}, "
+                f"this optimizer has {sorted(current)} (was max_preconditioner_dim changed?)"
             )
-    for current, saved in zip(optimizer.param_groups, groups):
-        for key, value in saved.items():
-            if key not in _NOT_SAVED:
-                current[key] = tuple(value) if key == "betas" else value
-    for (_, key), (tensors, shape, value, device) in created.items():
-        tensors[key] = torch.zeros(shape, dtype=value.dtype, device=device)
-    for tensors, key, row, value in copies:
-        tensors[key][row].copy_(value)
+    return copies

@@ -87,6 +87,9 @@ def validate_group(group: dict[str, Any]) -> None:
             "grafting_config must be None or one of "
             f"{[c.__name__ for c in GRAFTING_CONFIGS]}, got {type(graft).__name__}"
         )
+    target = group.get("target_parameter_dimensionality", 1)
+    if not ((isinstance(target, int) and not isinstance(target, bool) and target >= 1) or target == math.inf):
+        raise ValueError(f"target_parameter_dimensionality must be an int >= 1 or math.inf, got {target!r}")
     skip = group.get("skip_preconditioning_rank_lt", 0)
     if not (isinstance(skip, int) and not isinstance(skip, bool) and skip >= 0):
         raise ValueError(f"skip_preconditioning_rank_lt must be an int >= 0, got {skip!r}")

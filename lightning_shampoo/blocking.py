@@ -1,11 +1,11 @@
-"""Parameter → blocks → buckets.
+"""Parameter → blocks: processed shapes, the regions that tile them, and strided views.
 
 A parameter is viewed in a *processed shape*: size-1 dims squeezed, adjacent small dims merged
 while their product stays ≤ ``max_preconditioner_dim``. Each processed dim is cut into pieces of at
 most ``max_preconditioner_dim``; a parameter thus splits into at most ``2^order`` rectangular
 *regions*, each tiled by a regular grid of same-shape blocks, so one strided view (no copy) exposes
-all of a region's blocks at once. Buckets stack the regions whose blocks share a shape (and dtype,
-device, param group) into one ``[B, *block_shape]`` batch, so one batched kernel serves them all.
+all of a region's blocks at once. (``plan.py`` stacks the regions whose blocks share a shape into
+buckets; the step's workspace copies between parameters and buckets through the views below.)
 
 A *stacked* parameter keeps its leading dim as an index of independent slices (scanned layers,
 MoE experts ``[E, d_in, d_out]``): that dim is never merged and each slice gets its own blocks.
@@ -15,26 +15,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 from torch import Tensor
 
-__all__ = [
-    "Bucket",
-    "BucketMember",
-    "ParamLayout",
-    "Region",
-    "block_configs",
-    "build_buckets",
-    "gather",
-    "layout_param",
-    "processed_shape",
-    "scatter_add_",
-    "skips_preconditioning",
-]
+__all__ = ["ParamLayout", "Region", "layout_param", "processed_shape"]
 
 
 def processed_shape(
@@ -83,6 +69,33 @@ class Region:
         n = len(self.grid)
         return x.permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2))
 
+    def split_view(self, processed: Tensor) -> Tensor:
+        """``[g₁, b₁, g₂, b₂, …]`` view of the region (each dim split into grid × block; no
+        permute, so a contiguous parameter gives it with one ``view``)."""
+        return _split(processed[self.slices], self.split_shape)
+
+    @property
+    def split_shape(self) -> list[int]:
+        return [n for pair in zip(self.grid, self.block_shape) for n in pair]
+
+    def rows_view(self, flat: Tensor, row: int) -> Tensor:
+        """The same ``[g₁, b₁, g₂, b₂, …]`` index space over bucket rows ``row, row+1, …`` of a
+        flat buffer holding ``[rows, *block_shape]`` contiguously: ``split_view(p)`` and
+        ``rows_view(buffer, row)`` address the same blocks, so one ``copy_``/``add_`` moves a
+        region between a parameter and its bucket rows."""
+        numel = math.prod(self.block_shape)
+        block_strides = _contiguous_strides(self.block_shape)
+        grid_strides = [s * numel for s in _contiguous_strides(self.grid)]
+        stride = [s for pair in zip(grid_strides, block_strides) for s in pair]
+        return flat.as_strided(self.split_shape, stride, flat.storage_offset() + row * numel)
+
+    def per_block_view(self, values: Tensor, row: int) -> Tensor:
+        """Per-block values ``[rows]`` (contiguous) broadcast over ``rows_view``'s index space:
+        ``[g₁, 1, g₂, 1, …]``."""
+        size = [n for g in self.grid for n in (g, 1)]
+        stride = [s for g in _contiguous_strides(self.grid) for s in (g, 0)]
+        return values.as_strided(size, stride, values.storage_offset() + row)
+
     def split(self) -> list[Region]:
         """One single-block region per block (the one-block-at-a-time layout)."""
         out = []
@@ -127,10 +140,33 @@ class ParamLayout:
         except RuntimeError:
             return tensor.reshape(self.processed_shape)
 
+    def region_views(self, tensor: Tensor) -> list[Tensor]:
+        """``Region.split_view`` of every region of ``tensor`` (the parameter, its gradient or an
+        update of its shape); a contiguous one-region tensor costs a single ``view``."""
+        if len(self.regions) == 1 and tensor.is_contiguous():
+            return [tensor.view(self.regions[0].split_shape)]
+        processed = self.processed(tensor)
+        return [region.split_view(processed) for region in self.regions]
+
     def block_shapes(self) -> dict[int, tuple[int, ...]]:
         """Block index → block shape (stacked dims excluded)."""
         skip = 1 if self.stacked else 0
         return {b: r.block_shape[skip:] for r in self.regions for b in r.block_ids}
+
+
+def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return strides[::-1]
+
+
+def _split(x: Tensor, shape: list[int]) -> Tensor:
+    """Split each dim of a (possibly strided) tensor into ``(grid, block)`` as a view."""
+    for i in reversed(range(x.ndim)):
+        x = x.unflatten(i, (shape[2 * i], shape[2 * i + 1]))
+    return x
 
 
 def _dim_pieces(n: int, max_dim: float) -> list[tuple[int, int, int, list[int]]]:
@@ -175,134 +211,3 @@ def layout_param(
         )
         regions.append(Region(slices, tuple(p[1] for p in combo), tuple(p[2] for p in combo), ids))
     return ParamLayout(index, name, tuple(shape), proc, stacked, tuple(regions))
-
-
-@dataclass(frozen=True)
-class BucketMember:
-    """Rows ``offset : offset + region.count`` of a bucket hold ``region`` of ``param``."""
-
-    param: ParamLayout
-    region: Region
-    offset: int
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """Same-shape blocks of one param group, stacked into ``[size, *block_shape]`` tensors."""
-
-    key: str
-    group: int
-    block_shape: tuple[int, ...]
-    dtype: torch.dtype
-    members: tuple[BucketMember, ...]
-
-    @property
-    def size(self) -> int:
-        return sum(m.region.count for m in self.members)
-
-    def rows(self) -> list[tuple[int, int]]:
-        """``(param index, block index)`` of every row, in row order."""
-        return [(m.param.index, b) for m in self.members for b in m.region.block_ids]
-
-
-def skips_preconditioning(group: Mapping[str, Any], layout: ParamLayout) -> bool:
-    """Whether the group's ``skip_preconditioning_rank_lt`` leaves this parameter to its grafting."""
-    return layout.rank < group["skip_preconditioning_rank_lt"]
-
-
-def block_configs(group: Mapping[str, Any], layout: ParamLayout) -> tuple[Any, Any]:
-    """``(preconditioner config, grafting config or None)`` of one parameter's blocks."""
-    if skips_preconditioning(group, layout):
-        return group["grafting_config"], None
-    return group["preconditioner_config"], group["grafting_config"]
-
-
-def build_buckets(
-    group: int,
-    layouts: Iterable[tuple[ParamLayout, torch.dtype, torch.device]],
-    *,
-    bucketing: bool = True,
-    owns: Callable[[int, int], bool] | None = None,
-    max_numel: int | None = None,
-    tag: Callable[[ParamLayout], Hashable] | None = None,
-) -> list[Bucket]:
-    """Group the blocks of one param group into buckets.
-
-    ``bucketing=False`` gives one bucket per block (the reference one-block-at-a-time path).
-    ``owns(param_index, block_index)`` keeps only the blocks this process is responsible for.
-    ``max_numel`` caps a bucket's largest per-step tensor (``n·max(block numel, dᵢ²)`` elements):
-    beyond a few blocks batching gains nothing, while very large temporaries cost memory (and on
-    CPU, fresh pages for every allocation). Blocks whose parameters ``tag`` tells apart never
-    share a bucket (they get different preconditioners).
-    """
-    grouped: dict[tuple[Any, ...], list[tuple[ParamLayout, Region]]] = {}
-    for layout, dtype, device in layouts:
-        for region in layout.regions:
-            parts = region.split() if (not bucketing or owns is not None) else [region]
-            for part in parts:
-                if owns is not None and not owns(layout.index, part.block_ids[0]):
-                    continue
-                shape = part.block_shape[1:] if layout.stacked else part.block_shape
-                key: tuple[Any, ...] = (shape, dtype, str(device), tag(layout) if tag else None)
-                if not bucketing:
-                    key = (*key, layout.index, part.block_ids[0])
-                grouped.setdefault(key, []).append((layout, part))
-    buckets: list[Bucket] = []
-    for key, items in grouped.items():
-        shape, dtype = key[0], key[1]
-        name = "x".join(map(str, shape)) or "scalar"
-        per_block = max([math.prod(shape), *(d * d for d in shape)])
-        cap = max(1, max_numel // per_block) if max_numel else None
-        for chunk in _chunks(items, cap):
-            members, offset = [], 0
-            for layout, region in chunk:
-                members.append(BucketMember(layout, region, offset))
-                offset += region.count
-            buckets.append(Bucket(f"g{group}.b{len(buckets)}.{name}", group, shape, dtype, tuple(members)))
-    return buckets
-
-
-def _chunks(
-    items: list[tuple[ParamLayout, Region]], cap: int | None
-) -> list[list[tuple[ParamLayout, Region]]]:
-    """Split a bucket's regions into runs of at most ``cap`` blocks (splitting large regions)."""
-    if cap is None:
-        return [items]
-    chunks: list[list[tuple[ParamLayout, Region]]] = [[]]
-    count = 0
-    for layout, region in items:
-        for part in region.split() if region.count > cap else [region]:
-            if count + part.count > cap and chunks[-1]:
-                chunks.append([])
-                count = 0
-            chunks[-1].append((layout, part))
-            count += part.count
-    return chunks
-
-
-def gather(
-    bucket: Bucket, tensors: Mapping[int, Tensor | None], *, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """Copy the bucket's blocks of ``tensors`` (by param index; ``None`` → zeros) into ``[size, *block]``."""
-    out = torch.empty((bucket.size, *bucket.block_shape), dtype=dtype, device=device)
-    for m in bucket.members:
-        region = m.region
-        dst = out[m.offset : m.offset + region.count].view(*region.grid, *region.block_shape)
-        source = tensors.get(m.param.index)
-        if source is None:
-            dst.zero_()
-        else:
-            dst.copy_(region.view(m.param.processed(source)))
-    return out
-
-
-def scatter_add_(bucket: Bucket, params: Mapping[int, Tensor], update: Tensor, alpha: float | Tensor) -> None:
-    """``param_block += alpha · update_row`` for every block, writing through strided views."""
-    for m in bucket.members:
-        region = m.region
-        src = update[m.offset : m.offset + region.count].view(*region.grid, *region.block_shape)
-        target = region.view(params[m.param.index].view(m.param.processed_shape))
-        if isinstance(alpha, Tensor):
-            target.add_(src * alpha)
-        else:
-            target.add_(src, alpha=alpha)

@@ -1,19 +1,21 @@
-"""Preconditioner blocks sharded across ranks: ownership planning, the update all-gather, FSDP2.
+"""Preconditioner blocks sharded across ranks: the update all-gather, FSDP2, consolidated state.
 
-Every block gets one owner rank, chosen by longest-processing-time-first greedy balancing of a
-cost model (``refresh_weighted_cost``). The plan is a pure function of the parameter shapes and the
-param-group settings, so every rank computes the same map without communicating, and every
-rank can rebuild every other rank's bucket layout (``build_buckets`` with that rank's
-ownership predicate). Per step, each rank runs the optimizer pipeline for the blocks it owns
-only, writes their updates ``U = -lr·P`` into a persistent flat buffer in the communication
-dtype, and one all-gather brings everyone's updates to every rank, which adds them to the
-parameters. The single-device path forms the same ``U`` and adds it the same way, and the batched
-kernels give a block the same result whatever bucket it sits in, so with fp32 communication
-the parameters match a single-device run bitwise.
+The plan (``plan.py``) gives every block one owner rank; every rank computes the same plan from
+the shapes alone. Per step each rank runs the optimizer's stages for the blocks it owns, hands
+the distributor their updates ``U = -lr·P`` (its lanes' direction buffers), and one all-gather
+brings everyone's updates to every rank, which adds them to the parameters. The single-device
+path forms the same ``U`` and adds it the same way, and the batched kernels give a block the same
+result whatever bucket it sits in, so with fp32 communication the parameters match a
+single-device run bitwise.
 
-With FSDP2 (parameters and gradients are ``DTensor`` shards) the owner still works on whole
-blocks: ``begin_step`` all-gathers the gradients (and, for weight decay, the parameters), and
+A distributor sees the parameters and the plan, never the optimizer: gradients in
+(``gradients``), parameters for weight decay (``parameters``), staged updates out (``finish``).
+With FSDP2 (parameters and gradients are ``DTensor`` shards) it gathers the full gradients of the
+parameters whose blocks its rank owns (and, for weight decay, their values) before the step, and
 after the update all-gather each rank adds the rows of its own shards — lossless, like DDP.
+Parameters that ``fully_shard`` left replicated get no gradient averaging from FSDP2; the
+distributor averages their gradients across ranks as DDP would (one all-reduce), so every rank
+steps them with the same, averaged gradient.
 
 Optimizer state exists only on a block's owner; ``consolidate_state_dict`` gathers it on one
 rank in the single-device format, keyed by (parameter, block), so a checkpoint saved on N ranks
@@ -22,24 +24,28 @@ loads on M ranks (loading keeps just the blocks the loading rank owns).
 
 from __future__ import annotations
 
-import heapq
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .blocking import Bucket, block_configs, build_buckets, scatter_add_, skips_preconditioning
-from .preconditioners import make_preconditioner
+from ._workspace import Lane
+from .plan import (
+    BlockPlan,
+    CostModel,
+    OwnershipPlan,
+    block_cost,
+    lpt_assign,
+    refresh_weighted_cost,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
     from .health import BlockHealth
-    from .optim import BucketPlan, Shampoo
 
 __all__ = [
     "CostModel",
@@ -47,133 +53,34 @@ __all__ = [
     "FSDPDistributor",
     "OwnershipPlan",
     "block_cost",
-    "consolidate_checkpoint",
+    "check_same_plan",
     "consolidate_state_dict",
     "gather_health",
     "local_state_dict",
     "lpt_assign",
+    "make_distributor",
     "plan_ownership",
     "refresh_weighted_cost",
+    "resolve_group",
     "shard_optimizer",
 ]
 
-#: ``cost(block_shape, factor_dims, precondition_frequency) -> float``
-CostModel = Callable[[tuple[int, ...], tuple[int, ...], int], float]
-
-_EIGH_FLOPS = 10.0  # a symmetric eigendecomposition costs roughly 10·d³ flops
-
-
-def block_cost(
-    shape: tuple[int, ...], factor_dims: tuple[int, ...], precondition_frequency: int = 1
-) -> float:
-    """Work of one block per step, in flops: a refresh (``≈ 10·dᵢ³`` per factor: eigh and root)
-    amortized over ``precondition_frequency`` steps, plus the per-step factor updates and mode
-    products (``≈ 4·numel·dᵢ`` per factor) and elementwise work (``≈ 8·numel``, which is also
-    what the state's memory scales with for diagonal preconditioners)."""
-    numel = math.prod(shape)
-    dims = [shape[i] for i in factor_dims]
-    refresh = sum(_EIGH_FLOPS * d**3 for d in dims)
-    return refresh / max(1, precondition_frequency) + numel * (8.0 + 4.0 * sum(dims))
-
-
-def refresh_weighted_cost(
-    shape: tuple[int, ...], factor_dims: tuple[int, ...], precondition_frequency: int = 1
-) -> float:
-    """The planner's default: ``block_cost`` with the refresh counted in full, whatever the
-    frequency. Every rank refreshes at the same step, so a rank with more refresh work holds up
-    all the others at every refresh, however rare; weighting the refresh fully balances that
-    spike — and with it the state's memory (∝ Σdᵢ²) and, nearly, the per-step products. (With
-    the refresh amortized, LLaMA-7B's refresh flops at 64 ranks are 1.09x the mean on the
-    slowest rank; counted in full, 1.002x.)"""
-    return block_cost(shape, factor_dims, 1)
-
-
-def lpt_assign(costs: Sequence[float], world_size: int) -> list[int]:
-    """Longest-processing-time-first greedy: items by decreasing cost (ties: lower index first)
-    each go to the least-loaded rank (ties: lower rank). Deterministic; makespan ≤ (4/3 − 1/3m)·OPT
-    and ≤ mean load + largest item."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    owners = [0] * len(costs)
-    heap = [(0.0, r) for r in range(world_size)]
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        load, rank = heapq.heappop(heap)
-        owners[i] = rank
-        heapq.heappush(heap, (load + float(costs[i]), rank))
-    return owners
-
-
-@dataclass(frozen=True)
-class OwnershipPlan:
-    """Owner rank of every block ``(param_index, block_index)`` and each rank's modelled load."""
-
-    owners: dict[tuple[int, int], int]
-    costs: dict[tuple[int, int], float]
-    world_size: int
-
-    @property
-    def loads(self) -> list[float]:
-        loads = [0.0] * self.world_size
-        for key, rank in self.owners.items():
-            loads[rank] += self.costs[key]
-        return loads
-
-    @property
-    def imbalance(self) -> float:
-        """max / mean load (1.0 is perfect balance)."""
-        loads = self.loads
-        mean = sum(loads) / len(loads)
-        return max(loads) / mean if mean > 0 else 1.0
-
-    def predicate(self, rank: int) -> Callable[[int, int], bool]:
-        owners = self.owners
-
-        def owns(param_index: int, block_index: int) -> bool:
-            owner = owners.get((param_index, block_index))
-            if owner is None:
-                raise RuntimeError(
-                    f"block ({param_index}, {block_index}) is not in the sharding plan: "
-                    "add every param group before sharding the optimizer"
-                )
-            return owner == rank
-
-        return owns
-
-
-def plan_ownership(optimizer: Shampoo, world_size: int, cost_model: CostModel | None = None) -> OwnershipPlan:
-    """Assign every block of ``optimizer`` to a rank: LPT over ``cost_model`` (default
-    ``refresh_weighted_cost``), which is called with each group's ``precondition_frequency``."""
-    model = cost_model or refresh_weighted_cost
-    factor_dims: dict[tuple[int, tuple[int, ...], bool], tuple[int, ...]] = {}
-    keys: list[tuple[int, int]] = []
-    costs: list[float] = []
-    for g, (group, layouts) in enumerate(zip(optimizer.param_groups, optimizer._layouts)):
-        frequency = int(group["precondition_frequency"])
-        for layout, _, _ in layouts:
-            config, _ = block_configs(group, layout)
-            skipped = skips_preconditioning(group, layout)
-            for block, shape in sorted(layout.block_shapes().items()):
-                if (g, shape, skipped) not in factor_dims:
-                    kernel = make_preconditioner(config, shape, layout.name)
-                    factor_dims[(g, shape, skipped)] = tuple(kernel.factor_dims)
-                keys.append((layout.index, block))
-                costs.append(float(model(shape, factor_dims[(g, shape, skipped)], frequency)))
-    owners = lpt_assign(costs, world_size)
-    return OwnershipPlan(dict(zip(keys, owners)), dict(zip(keys, costs)), world_size)
+log = logging.getLogger(__name__)
+COMMUNICATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ------------------------------------------------------------------------------- process groups
 
 
-def _resolve_group(process_group: Any) -> Any:
+def resolve_group(process_group: Any) -> Any:
     """A ``ProcessGroup``, ``None`` (the default group), a ``DeviceMesh`` (1-D) or a Lightning
     strategy (its data-parallel group: the mesh's for model-parallel strategies, else the world)."""
     if process_group is None or isinstance(process_group, dist.ProcessGroup):
         return process_group
     if hasattr(process_group, "get_group") and hasattr(process_group, "mesh_dim_names"):
         return process_group.get_group()
-    mesh = getattr(process_group, "_device_mesh", None)
-    if mesh is not None:
+    mesh = getattr(process_group, "device_mesh", None)
+    if mesh is not None and getattr(mesh, "mesh_dim_names", None):
         return mesh["data_parallel"].get_group()
     if hasattr(process_group, "root_device"):  # a Lightning strategy: DDP runs on the world group
         return None
@@ -185,7 +92,7 @@ def _all_gather(output: Tensor, input: Tensor, group: Any) -> None:
     gather(output, input, group=group)
 
 
-def _is_dtensor(x: Any) -> TypeGuard[DTensor]:
+def is_dtensor(x: Any) -> TypeGuard[DTensor]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
@@ -193,236 +100,203 @@ def _is_dtensor(x: Any) -> TypeGuard[DTensor]:
     return isinstance(x, DTensor)
 
 
+def check_same_plan(plan: BlockPlan, group: Any) -> None:
+    """Collective: every rank must have built the same plan; if not, every rank raises the same
+    error (rather than one raising and the others hanging in the next collective)."""
+    mine = (plan.world_size, plan.chunk, len(plan.buckets), plan.fingerprint())
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if any(other != mine for other in everyone):
+        raise RuntimeError(
+            "the ranks built different block plans (were the models, param groups or options different "
+            f"across ranks?): per rank (world, chunk, buckets, digest) = {everyone}"
+        )
+
+
 # ----------------------------------------------------------------------------------- distributors
 
 
 class Distributor:
-    """DDP: replicated parameters and gradients. Installed as ``optimizer._distributor``."""
+    """DDP: replicated parameters and gradients."""
 
     def __init__(
-        self, optimizer: Shampoo, group: Any, plan: OwnershipPlan, communication_dtype: torch.dtype
+        self, params: Sequence[Tensor], plan: BlockPlan, group: Any, communication_dtype: torch.dtype
     ) -> None:
-        self.optimizer = optimizer
+        if communication_dtype not in COMMUNICATION_DTYPES:
+            raise ValueError(f"communication_dtype must be a floating dtype, got {communication_dtype}")
+        self.params = list(params)
+        self.plan = plan
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.plan = plan
         self.communication_dtype = communication_dtype
-        # Every rank's buckets in the order that rank stages them, with their buffer offsets.
-        self.layouts: list[list[tuple[Bucket, int, int]]] = []
-        for rank in range(self.world_size):
-            owns = plan.predicate(rank)
-            entries, offset = [], 0
-            for g, layouts in enumerate(optimizer._layouts):
-                for bucket in build_buckets(
-                    g,
-                    layouts,
-                    bucketing=optimizer._use_bucketing,
-                    owns=owns,
-                    max_numel=optimizer._max_bucket_numel,
-                ):
-                    numel = bucket.size * math.prod(bucket.block_shape)
-                    entries.append((bucket, offset, numel))
-                    offset += numel
-            self.layouts.append(entries)
-        self.chunk = max(1, max(sum(n for _, _, n in entries) for entries in self.layouts))
-        self.offsets = {bucket.key: (offset, numel) for bucket, offset, numel in self.layouts[self.rank]}
+        self.chunk = plan.chunk
         self._send: Tensor | None = None
         self._recv: Tensor | None = None
-        self._staged: set[str] = set()
+        self._targets: list[tuple[Tensor, Tensor]] | None = None  # (param region view, recv rows)
 
     @property
     def bytes_per_step(self) -> int:
         """Bytes each rank receives from the update all-gather per step."""
         return self.world_size * self.chunk * torch.finfo(self.communication_dtype).bits // 8
 
-    def check_plans(self) -> None:
-        """The optimizer's own buckets must be the ones this rank's layout expects."""
-        expected = [bucket for bucket, _, _ in self.layouts[self.rank]]
-        actual = [plan.bucket for plan in self.optimizer.plans]
-        if expected != actual:
-            raise RuntimeError("sharded bucket layout mismatch: the optimizer's plans were changed")
+    def gradients(self) -> list[Tensor | None]:
+        """The gradients the optimizer's stages should see, by parameter index."""
+        return [p.grad for p in self.params]
 
-    def _device(self) -> torch.device:
-        for entries in self.layouts:
-            for bucket, _, _ in entries:
-                return self.param(bucket.members[0].param.index).device
-        return torch.device("cpu")
+    def parameters(self) -> list[Tensor]:
+        """The parameters' values where a stage needs them (weight decay), by index."""
+        return self.params
 
-    def begin_step(self) -> None:
-        device = self._device()
+    def _buffers(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._send is None or self._send.device != device:
             self._send = torch.zeros(self.chunk, dtype=self.communication_dtype, device=device)
             self._recv = torch.zeros(
                 self.world_size * self.chunk, dtype=self.communication_dtype, device=device
             )
-        self._staged.clear()
+            self._targets = None
+        assert self._recv is not None
+        return self._send, self._recv
 
-    def grad(self, index: int) -> Tensor | None:
-        return self.optimizer._params[index].grad
+    def finish(self, lanes: Sequence[Lane], device: torch.device) -> None:
+        """All-gather every rank's staged updates (this rank's lanes' direction buffers; rows
+        of buckets without any gradient this step hold zeros) and add them to the parameters."""
+        send, recv = self._buffers(device)
+        offsets = {b.key: o for b, o in self.plan.segments(self.rank)}
+        dsts, srcs = [], []
+        for lane in lanes:
+            for slot in lane.slots:
+                offset = offsets[slot.bucket.key]
+                dsts.append(send[offset : offset + slot.bucket.numel])
+                srcs.append(slot.out.view(-1))
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        _all_gather(recv, send, self.group)
+        self._apply(recv)
 
-    def param(self, index: int) -> Tensor:
-        return self.optimizer._params[index]
-
-    def stage(self, plan: BucketPlan, update: Tensor) -> None:
-        """Write a bucket's ``-lr·P`` rows into this rank's segment of the send buffer."""
-        assert self._send is not None, "stage() before begin_step()"
-        offset, numel = self.offsets[plan.bucket.key]
-        self._send[offset : offset + numel].view(update.shape).copy_(update)
-        self._staged.add(plan.bucket.key)
-
-    def finish_step(self) -> None:
-        """All-gather every rank's updates and add all of them to the parameters."""
-        assert self._send is not None and self._recv is not None
-        for key, (offset, numel) in self.offsets.items():
-            if key not in self._staged:  # no gradient at all: no update (as on a single device)
-                self._send[offset : offset + numel].zero_()
-        _all_gather(self._recv, self._send, self.group)
-        self._apply(self._recv)
-        self._staged.clear()
-
-    def _updates(self, recv: Tensor) -> list[tuple[Bucket, Tensor]]:
+    def _received(self, recv: Tensor) -> list[tuple[Any, Tensor]]:
+        """``(member link, its rows of the received updates)`` for every bucket of every rank."""
         out = []
-        for rank, entries in enumerate(self.layouts):
+        for rank in range(self.world_size):
             base = rank * self.chunk
-            for bucket, offset, numel in entries:
-                rows = recv[base + offset : base + offset + numel]
-                out.append((bucket, rows.view(bucket.size, *bucket.block_shape)))
+            for bucket, offset in self.plan.segments(rank):
+                numel = 1
+                for d in bucket.block_shape:
+                    numel *= d
+                for m in bucket.members:
+                    start = base + offset + m.offset * numel
+                    out.append((m, m.region.rows_view(recv[start:], 0)))
         return out
 
     def _apply(self, recv: Tensor) -> None:
-        params = self.optimizer._params
-        for bucket, rows in self._updates(recv):
-            scatter_add_(bucket, {m.param.index: params[m.param.index] for m in bucket.members}, rows, 1.0)
+        if self._targets is None:
+            self._targets = [
+                (m.region.split_view(m.param.processed(self.params[m.param.index])), rows)
+                for m, rows in self._received(recv)
+            ]
+        if self._targets:
+            torch._foreach_add_([p for p, _ in self._targets], [u for _, u in self._targets])
 
 
 class FSDPDistributor(Distributor):
-    """FSDP2: parameters and gradients are ``DTensor`` shards (possibly uneven or empty).
-
-    ``begin_step`` materialises full gradients (and full parameters where weight decay needs
-    them) of the parameters this rank owns blocks of; the pipeline then sees whole blocks, as
-    with DDP. After the update all-gather each rank adds the rows of its local shards.
-    """
+    """FSDP2: parameters and gradients are ``DTensor`` shards (possibly uneven or empty). See the
+    module docstring."""
 
     def __init__(
-        self, optimizer: Shampoo, group: Any, plan: OwnershipPlan, communication_dtype: torch.dtype
+        self,
+        params: Sequence[Tensor],
+        plan: BlockPlan,
+        group: Any,
+        communication_dtype: torch.dtype,
+        decayed: set[int],
     ) -> None:
-        super().__init__(optimizer, group, plan, communication_dtype)
-        self._needed = {m.param.index for bucket, _, _ in self.layouts[self.rank] for m in bucket.members}
-        self._full_grads: dict[int, Tensor | None] = {}
+        super().__init__(params, plan, group, communication_dtype)
+        self._needed = {m.param.index for b in plan.local(self.rank) for m in b.members}
+        self._decayed = decayed
+        self.replicated = [i for i, p in enumerate(self.params) if not is_dtensor(p)]
+        if self.replicated and self.rank == 0:
+            log.info(
+                "shampoo_fsdp: %d parameter(s) are not sharded by fully_shard (e.g. %s); their gradients "
+                "are averaged across ranks as DDP would",
+                len(self.replicated),
+                self.replicated[:3],
+            )
         self._full_params: dict[int, Tensor] = {}
 
-    def begin_step(self) -> None:
-        super().begin_step()
-        self._full_grads, self._full_params = {}, {}
-        decayed: set[int] = set()
-        for group in self.optimizer.param_groups:
-            if group["weight_decay"] != 0.0:
-                decayed.update(id(p) for p in group["params"])
-        # Collectives: every rank walks the same parameters in the same order.
-        for index, p in enumerate(self.optimizer._params):
+    def gradients(self) -> list[Tensor | None]:
+        """Collectives, in the same order on every rank: each DTensor gradient's full tensor, and
+        one averaging all-reduce over the replicated parameters' gradients."""
+        grads: list[Tensor | None] = [None] * len(self.params)
+        replicated = [
+            p.grad for i, p in enumerate(self.params) if i in set(self.replicated) and p.grad is not None
+        ]
+        if replicated and self.world_size > 1:
+            flat = torch.cat([g.reshape(-1) for g in replicated])
+            dist.all_reduce(flat, group=self.group)
+            flat /= self.world_size
+            torch._foreach_copy_(replicated, list(flat.split([g.numel() for g in replicated])))
+        self._full_params = {}
+        for index, p in enumerate(self.params):
             grad = p.grad
             if grad is None:
                 continue
-            full = grad.full_tensor() if _is_dtensor(grad) else grad
+            full = grad.full_tensor() if is_dtensor(grad) else grad
             if index in self._needed:
-                self._full_grads[index] = full
-            if id(p) in decayed and _is_dtensor(p):
-                full_param = p.full_tensor()
+                grads[index] = full
+            if index in self._decayed and is_dtensor(p):
+                value = p.full_tensor()
                 if index in self._needed:
-                    self._full_params[index] = full_param
+                    self._full_params[index] = value
+        return grads
 
-    def grad(self, index: int) -> Tensor | None:
-        p = self.optimizer._params[index]
-        if _is_dtensor(p):
-            return self._full_grads.get(index)
-        return p.grad
-
-    def param(self, index: int) -> Tensor:
-        """The full parameter when the step needs its values (weight decay); otherwise the
-        local shard, which only tells the pipeline the dtype and device."""
-        p = self.optimizer._params[index]
-        if index in self._full_params:
-            return self._full_params[index]
-        return p.to_local() if _is_dtensor(p) else p
-
-    def finish_step(self) -> None:
-        super().finish_step()
-        self._full_grads, self._full_params = {}, {}
+    def parameters(self) -> list[Tensor]:
+        """Full values where weight decay needs them; the local shard (dtype and device only)
+        elsewhere."""
+        return [
+            self._full_params.get(i, p.to_local() if is_dtensor(p) else p) for i, p in enumerate(self.params)
+        ]
 
     def _apply(self, recv: Tensor) -> None:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        params = self.optimizer._params
         full: dict[int, Tensor] = {}
-        for bucket, rows in self._updates(recv):
-            for m in bucket.members:
-                if m.param.index not in full:
-                    p = params[m.param.index]
-                    full[m.param.index] = torch.zeros(p.shape, dtype=recv.dtype, device=recv.device)
-            scatter_add_(bucket, full, rows, 1.0)  # 0 + u: exact, so the shard gets p + u as in DDP
+        pairs = []
+        for m, rows in self._received(recv):
+            index = m.param.index
+            if index not in full:
+                full[index] = torch.zeros(self.params[index].shape, dtype=recv.dtype, device=recv.device)
+            pairs.append((m.region.split_view(m.param.processed(full[index])), rows))
+        if pairs:
+            torch._foreach_add_([p for p, _ in pairs], [u for _, u in pairs])  # 0 + u: exact
         for index, update in full.items():
-            p = params[index]
-            if not _is_dtensor(p):
+            p = self.params[index]
+            if not is_dtensor(p):
                 p.add_(update)
                 continue
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             local = p.to_local()
             if local.numel():
                 local.add_(update[tuple(slice(o, o + s) for o, s in zip(offset, shape))])
+        self._full_params = {}
 
 
-# ------------------------------------------------------------------------------------- entry points
+def make_distributor(
+    params: Sequence[Tensor],
+    plan: BlockPlan,
+    group: Any,
+    communication_dtype: torch.dtype,
+    decayed: set[int],
+) -> Distributor:
+    """The distributor for these parameters: FSDP2's when any of them is a ``DTensor``."""
+    if any(is_dtensor(p) for p in params):
+        return FSDPDistributor(params, plan, group, communication_dtype, decayed)
+    return Distributor(params, plan, group, communication_dtype)
 
 
-def shard_optimizer(
-    optimizer: Shampoo,
-    process_group: Any = None,
-    communication_dtype: torch.dtype = torch.float32,
-    *,
-    cost_model: CostModel | None = None,
-) -> Distributor | None:
-    """Split ``optimizer``'s preconditioner blocks across the ranks of ``process_group``.
-
-    ``process_group``: a ``ProcessGroup`` (``None``: the default group), a 1-D ``DeviceMesh`` or
-    a Lightning strategy. ``communication_dtype`` (fp32, bf16, fp16) is the dtype of the update
-    all-gather: fp32 keeps sharded == single-device bitwise, bf16 halves the traffic.
-    Existing state is re-distributed (each rank keeps its blocks). With one rank and no
-    ``DTensor`` parameters there is nothing to do and ``None`` is returned. Collective-free:
-    every rank computes the same plan from the shapes alone, but every rank must call it.
-    """
-    if communication_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"communication_dtype must be a floating dtype, got {communication_dtype}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("shard_optimizer needs an initialised torch.distributed process group")
-    group = _resolve_group(process_group)
-    fsdp = any(_is_dtensor(p) for p in optimizer._params)
-    if optimizer._distributor is not None:
-        if optimizer._distributor.group is group:
-            return optimizer._distributor
-        raise RuntimeError("the optimizer is already sharded over another process group")
-    world_size = dist.get_world_size(group)
-    if world_size == 1 and not fsdp:
-        return None
-    plan = plan_ownership(optimizer, world_size, cost_model)
-    saved = optimizer.state_dict() if len(optimizer.state) else None
-    rank = dist.get_rank(group)
-    optimizer._owns = plan.predicate(rank)
-    optimizer._replan()
-    optimizer.state.clear()
-    cls = FSDPDistributor if fsdp else Distributor
-    distributor = cls(optimizer, group, plan, communication_dtype)
-    distributor.check_plans()
-    optimizer._distributor = distributor
-    optimizer.sharded = world_size > 1
-    if saved is not None:
-        optimizer.load_state_dict(saved)
-    else:
-        optimizer._sync_fallback_flags()
-    return distributor
+# ------------------------------------------------------------------------------- consolidation
 
 
-def local_state_dict(optimizer: Shampoo) -> dict[str, Any]:
+def local_state_dict(optimizer: Any) -> dict[str, Any]:
     """This rank's ``state_dict`` with every tensor copied to the CPU (compact, not views of the
     bucket tensors): what a rank contributes to a consolidated or distributed checkpoint."""
     state = optimizer.state_dict()
@@ -433,11 +307,11 @@ def local_state_dict(optimizer: Shampoo) -> dict[str, Any]:
     return {"state": copied, "param_groups": state["param_groups"]}
 
 
-def consolidate_state_dict(optimizer: Shampoo, dst: int = 0) -> dict[str, Any]:
+def consolidate_state_dict(optimizer: Any, dst: int = 0) -> dict[str, Any]:
     """Collective: rank ``dst`` (of the optimizer's group) gets every block's state, keyed by
     (parameter, block) exactly like a single-device ``state_dict()``; the other ranks get their
     own part. Without sharding this is ``optimizer.state_dict()`` on every rank."""
-    distributor = optimizer._distributor
+    distributor = getattr(optimizer, "distributor", None)
     if distributor is None or not optimizer.sharded:
         return optimizer.state_dict()
     group = distributor.group
@@ -458,11 +332,11 @@ def consolidate_state_dict(optimizer: Shampoo, dst: int = 0) -> dict[str, Any]:
     return {"state": state, "param_groups": local["param_groups"]}
 
 
-def gather_health(optimizer: Shampoo) -> list[BlockHealth]:
+def gather_health(optimizer: Any) -> list[BlockHealth]:
     """Collective: every block's ``BlockHealth`` once, on every rank, ordered by (param, block).
     (Lightning callbacks use ``callbacks._health_table.gather_health``, one all-reduce.)"""
     records = optimizer.health()
-    distributor = optimizer._distributor
+    distributor = getattr(optimizer, "distributor", None)
     if distributor is not None and optimizer.sharded:
         parts: list[Any] = [None] * distributor.world_size
         dist.all_gather_object(parts, records, group=distributor.group)
@@ -470,17 +344,18 @@ def gather_health(optimizer: Shampoo) -> list[BlockHealth]:
     return sorted(records, key=lambda r: (r.param_index, r.block_index))
 
 
-def consolidate_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> None:
-    """For a Lightning checkpoint being saved under a strategy that stores rank 0's own
-    ``optimizer.state_dict()`` (plain DDP): replace each sharded Shampoo's entry by every block's
-    state. Collective: every rank calls it (``ShampooCallback.on_save_checkpoint`` does). The
-    Shampoo strategies consolidate themselves and are left alone."""
-    from .optim import Shampoo
+def plan_ownership(optimizer: Any, world_size: int, cost_model: CostModel | None = None) -> OwnershipPlan:
+    """Assign every block of ``optimizer`` to a rank: LPT over ``cost_model`` (default
+    ``refresh_weighted_cost``), called with each group's ``precondition_frequency``."""
+    return optimizer.build_plan(world_size=world_size, cost_model=cost_model).ownership
 
-    states = checkpoint.get("optimizer_states")
-    if states is None or getattr(trainer.strategy, "consolidates_shampoo_state", False):
-        return
-    for i, optimizer in enumerate(trainer.optimizers):
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
-        if isinstance(optimizer, Shampoo) and optimizer.sharded and i < len(states):
-            states[i] = consolidate_state_dict(optimizer)
+
+def shard_optimizer(
+    optimizer: Any,
+    process_group: Any = None,
+    communication_dtype: torch.dtype = torch.float32,
+    *,
+    cost_model: CostModel | None = None,
+) -> Distributor | None:
+    """``optimizer.shard(process_group, communication_dtype, cost_model=cost_model)``."""
+    return optimizer.shard(process_group, communication_dtype, cost_model=cost_model)

@@ -1,19 +1,26 @@
-"""Per-block health records: what the last refresh computed, read lazily (no recomputation)."""
+"""Per-block health records: what the last refresh computed, read lazily (no recomputation).
+
+Pure functions of the buckets and their state (the optimizer passes them in), so that the
+optimizer, the callbacks and the distributed layer share one reading of the ``status`` section.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .optim import Shampoo
+import torch
+from torch import Tensor
 
-__all__ = ["BlockHealth", "collect_health", "summarize"]
+from .plan import Bucket
+
+__all__ = ["FALLBACK_CODES", "FALLBACK_NAMES", "BlockHealth", "collect_health", "factor_spectra", "summarize"]
 
 #: Per-block fallback modes as stored in the optimizer state (0: none).
-FALLBACK_NAMES = {0: None, 1: "sgd", 2: "grafting"}
+FALLBACK_NAMES: dict[int, str | None] = {0: None, 1: "sgd", 2: "grafting"}
+FALLBACK_CODES: dict[str | None, int] = {name: code for code, name in FALLBACK_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -77,44 +84,81 @@ def summarize(records: Sequence[BlockHealth]) -> dict[str, float]:
     }
 
 
-def collect_health(optimizer: Shampoo) -> list[BlockHealth]:
-    """Records for every block this process holds state for (one device read per bucket)."""
+def collect_health(
+    buckets: Sequence[Bucket], state: Mapping[str, Any], names: Sequence[str], steps: Sequence[int]
+) -> list[BlockHealth]:
+    """Records for every block of ``buckets`` that has state (one device read per bucket).
+    ``steps``: each param group's step count."""
     records = []
-    for plan in optimizer.plans:
-        if plan.bucket.key not in optimizer.state:
+    for bucket in buckets:
+        sections = state.get(bucket.key)
+        if sections is None:
             continue
-        bucket_state = optimizer.state[plan.bucket.key]  # type: ignore[index]
-        opt = {k: v.detach().cpu() for k, v in bucket_state["opt"].items()}
-        step = int(optimizer.param_groups[plan.bucket.group].get("step", 0))
-        dims = plan.kernel.factor_dims
-        tracked = plan.kernel.health_stats(bucket_state["precond"])
+        status = {k: v.detach().cpu() for k, v in sections["status"].items()}
+        dims = bucket.kernel.factor_dims
+        tracked = bucket.kernel.health_stats(sections["precond"])
         if tracked is not None:
             for i, stats in zip(dims, tracked):
                 if stats is not None:
-                    opt[f"condition_number.{i}"] = stats.condition_number.detach().float().cpu()
-                    opt[f"min_eigenvalue.{i}"] = stats.min_eigenvalue.detach().float().cpu()
-                    opt[f"max_eigenvalue.{i}"] = stats.max_eigenvalue.detach().float().cpu()
-        for row, (pidx, bidx) in enumerate(plan.bucket.rows()):
-            fallback = FALLBACK_NAMES[int(opt["fallback"][row])]
+                    status[f"condition_number.{i}"] = stats.condition_number.detach().float().cpu()
+                    status[f"min_eigenvalue.{i}"] = stats.min_eigenvalue.detach().float().cpu()
+                    status[f"max_eigenvalue.{i}"] = stats.max_eigenvalue.detach().float().cpu()
+        for row, (pidx, bidx) in enumerate(bucket.rows()):
             records.append(
                 BlockHealth(
                     param_index=pidx,
-                    param_name=optimizer._names[pidx],
+                    param_name=names[pidx],
                     block_index=bidx,
-                    shape=plan.bucket.block_shape,
-                    group=plan.bucket.group,
-                    preconditioner=plan.kernel.kind,
-                    step=step,
-                    last_refresh_step=int(opt["refresh_step"][row]),
-                    condition_numbers=tuple(float(opt[f"condition_number.{i}"][row]) for i in dims),
-                    min_eigenvalues=tuple(float(opt[f"min_eigenvalue.{i}"][row]) for i in dims),
-                    max_eigenvalues=tuple(float(opt[f"max_eigenvalue.{i}"][row]) for i in dims),
-                    failure_count=int(opt["failures"][row]),
-                    nonfinite_count=int(opt["nonfinite"][row]),
-                    fallback=fallback,
-                    epsilon_scale=float(opt["epsilon_scale"][row]),
-                    refreshes=int(opt["refreshes"][row]) if "refreshes" in opt else 0,
-                    skipped_refreshes=int(opt["refreshes_skipped"][row]) if "refreshes_skipped" in opt else 0,
+                    shape=bucket.block_shape,
+                    group=bucket.group,
+                    preconditioner=bucket.kernel.kind,
+                    step=steps[bucket.group],
+                    last_refresh_step=int(status["refresh_step"][row]),
+                    condition_numbers=tuple(float(status[f"condition_number.{i}"][row]) for i in dims),
+                    min_eigenvalues=tuple(float(status[f"min_eigenvalue.{i}"][row]) for i in dims),
+                    max_eigenvalues=tuple(float(status[f"max_eigenvalue.{i}"][row]) for i in dims),
+                    failure_count=int(status["failures"][row]),
+                    nonfinite_count=int(status["nonfinite"][row]),
+                    fallback=FALLBACK_NAMES[int(status["fallback"][row])],
+                    epsilon_scale=float(status["epsilon_scale"][row]),
+                    refreshes=int(status["refreshes"][row]),
+                    skipped_refreshes=int(status["refreshes_skipped"][row]),
                 )
             )
     return records
+
+
+@torch.no_grad()
+def factor_spectra(
+    buckets: Sequence[Bucket],
+    state: Mapping[str, Any],
+    names: Sequence[str],
+    groups: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, int], Tensor]:
+    """Eigenvalues of each layer's bias-corrected factors (these buckets' blocks), keyed by
+    ``(parameter name, factor dim)``: stored eigenvalues where the preconditioner keeps them,
+    otherwise ``eigvalsh`` of the factor (off the hot path: logging steps only)."""
+    spectra: dict[tuple[str, int], list[Tensor]] = {}
+    for bucket in buckets:
+        sections = state.get(bucket.key)
+        if sections is None:
+            continue
+        group = groups[bucket.group]
+        beta2 = group["betas"][1]
+        precond, rows = sections["precond"], bucket.rows()
+        steps = sections["status"]["step"].detach().double().cpu()
+        corrected = group["use_bias_correction"] and beta2 < 1.0
+        bc2 = (1.0 - beta2**steps).clamp_min(1e-300) if corrected else torch.ones_like(steps)
+        for i in bucket.kernel.factor_dims:
+            if f"eigenvalues.{i}" in precond:
+                values = precond[f"eigenvalues.{i}"].detach().double().cpu() / bc2[:, None]
+            elif f"factor.{i}" in precond:
+                factor = precond[f"factor.{i}"].detach().double().cpu() / bc2[:, None, None]
+                if not bool(torch.isfinite(factor).all()):
+                    continue
+                values = torch.linalg.eigvalsh(factor)
+            else:
+                continue
+            for row, (pidx, _) in enumerate(rows):
+                spectra.setdefault((names[pidx], i), []).append(values[row])
+    return {key: torch.cat(parts) for key, parts in spectra.items()}

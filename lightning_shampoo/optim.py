@@ -1,65 +1,40 @@
-"""``Shampoo``: the step pipeline over buckets of same-shape blocks.
+"""``Shampoo``: param groups → one block plan → a workspace → the step's stages.
 
-Per param group and bucket, one step is::
+One step, for every lane (buckets of one dtype and device) of this rank's buckets::
 
-    grads → gather [n, *block] → non-finite guard → (L2 decay) → preconditioner.update
-          → refresh (amortized, when due) → update_after_refresh → β₁ filter
-          → precondition → graft → fallback → decoupled decay → momentum → param += -lr·P
+    gather → L2 decay → guard → EMA table → statistics → refresh (when due) → after-refresh
+           → filter → direction (precondition, graft, fallback) → weight decay → momentum
+           → learning rate → apply (or hand the updates to the distributor)
 
-Everything is batched over the bucket's ``n`` blocks; nothing on this path synchronises with the
-device. Refreshes (eigendecompositions) may synchronise: they are amortized.
-Argument names, defaults and semantics follow Meta's Distributed Shampoo.
+Everything is batched over buckets (elementwise work: one foreach call per lane); nothing on this
+path synchronises with the device. Refreshes (eigendecompositions) may synchronise: they are
+amortized. Argument names, defaults and semantics follow Meta's Distributed Shampoo.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import _checkpoint
-from ._moments import filter_description, filtered_gradient, momentum_
-from ._refresh import due_blocks, refresh_bucket
+from . import _checkpoint, _stages
+from ._refresh import refresh_lane
 from ._validation import validate_group
-from .blocking import (
-    Bucket,
-    ParamLayout,
-    block_configs,
-    build_buckets,
-    gather,
-    layout_param,
-    scatter_add_,
-    skips_preconditioning,
-)
-from .health import FALLBACK_NAMES, BlockHealth, collect_health
-from .preconditioners import (
-    Context,
-    Preconditioner,
-    PSGDKronPreconditionerConfig,
-    RootInvShampooPreconditionerConfig,
-    SpectralDescentPreconditionerConfig,
-    make_preconditioner,
-)
-from .preconditioners.base import per_block, row_norms
+from ._workspace import Lane, Workspace, param_view
+from .blocking import layout_param
+from .health import FALLBACK_CODES, BlockHealth, collect_health, factor_spectra
+from .plan import BlockPlan, Bucket, CostModel, GroupBlocks, build_plan
+from .preconditioners import RootInvShampooPreconditionerConfig
 
 __all__ = ["FALLBACK_MODES", "Shampoo"]
 
 #: Per-block fallback modes: what a block uses instead of its preconditioner.
-FALLBACK_MODES = {name: code for code, name in FALLBACK_NAMES.items()}
-
-
-@dataclass
-class BucketPlan:
-    """A bucket with the kernels that serve it (the state lives in ``optimizer.state[bucket.key]``)."""
-
-    bucket: Bucket
-    kernel: Preconditioner
-    graft: Preconditioner | None
+FALLBACK_MODES = {name: code for name, code in FALLBACK_CODES.items()}
 
 
 @contextmanager
@@ -83,10 +58,12 @@ class Shampoo(torch.optim.Optimizer):
     separate preconditioners. ``use_bucketing=False`` runs one block at a time (the reference).
     ``refresh_tolerance``: on scheduled refreshes, refresh only blocks whose factors drifted by
     more than this (relative) since their last refresh — see ``Preconditioner.drift``.
-    ``max_bucket_numel`` caps the size of a bucket's batched tensors (see ``build_buckets``).
+    ``max_bucket_numel`` caps the size of a bucket's batched tensors (see ``plan.build_plan``).
     ``skip_preconditioning_rank_lt``: parameters with fewer dims of size > 1 (1 for biases and
     norm scales) are stepped by ``grafting_config`` alone, with no Kronecker factors; 0 (the
     default, as Distributed Shampoo) preconditions every parameter.
+    ``target_parameter_dimensionality`` (Distributed Shampoo's): dims are merged only while more
+    than this many remain (``math.inf``: never merged); 2 keeps a matrix a matrix.
     """
 
     def __init__(
@@ -112,25 +89,27 @@ class Shampoo(torch.optim.Optimizer):
         refresh_tolerance: float | None = None,
         max_bucket_numel: int | None = 2**21,
         skip_preconditioning_rank_lt: int = 0,
+        target_parameter_dimensionality: int | float = 1,
     ) -> None:
-        self._plans: list[list[BucketPlan]] = []
-        self._layouts: list[list[tuple[ParamLayout, torch.dtype, torch.device]]] = []
-        self.sharded = False  # True once blocks are split across ranks (each rank holds its own)
-        self._distributor: Any = None  # set by lightning_shampoo.distributed.shard_optimizer
-        self._params: list[Tensor] = []
-        self._names: list[str] = []
-        self._use_bucketing = use_bucketing
         if max_bucket_numel is not None and max_bucket_numel < 1:
             raise ValueError(f"max_bucket_numel must be None or >= 1, got {max_bucket_numel}")
+        self._params: list[Tensor] = []
+        self._names: list[str] = []
+        self._groups: list[GroupBlocks] = []
+        self._use_bucketing = use_bucketing
         self._max_bucket_numel = max_bucket_numel
-        self._owns: Callable[[int, int], bool] | None = None
-        self._fallback_buckets: set[str] = set()
-        self._refresh_requests: set[str] = set()
+        self._plan: BlockPlan | None = None
+        self._rank = 0
+        self.sharded = False
+        self._distributor: Any = None
+        self._workspace: Workspace | None = None
+        self._fallback: set[str] = set()  # host mirrors of per-block flags (no sync to read them)
+        self._requests: set[str] = set()
+        self._missed: set[str] = set()
         self.refresh_seconds: dict[int, float] = {}  # wall time of each group's last refresh
-        self._refresh_clock = 0.0
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=tuple(betas) if isinstance(betas, tuple | list) else betas,
             beta3=beta3,
             epsilon=epsilon,
             momentum=momentum,
@@ -147,6 +126,7 @@ class Shampoo(torch.optim.Optimizer):
             use_merge_dims=use_merge_dims,
             refresh_tolerance=refresh_tolerance,
             skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
+            target_parameter_dimensionality=target_parameter_dimensionality,
             stacked=False,
         )
         super().__init__(params, defaults)
@@ -158,97 +138,123 @@ class Shampoo(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             validate_group(group)
-            self._plans.append(self._plan_group(len(self.param_groups) - 1, group))
+            self._groups.append(self._group_blocks(len(self.param_groups) - 1, group))
+            self._set_plan(self.build_plan(world_size=self._world_size(), owners=self._owners()), self._rank)
         except Exception:
             self.param_groups.pop()
+            del self._params[len(self._params) - len(group["params"]) :]
+            del self._names[len(self._names) - len(group["params"]) :]
+            if len(self._groups) > len(self.param_groups):
+                self._groups.pop()
             raise
 
-    def _plan_group(self, g: int, group: dict[str, Any]) -> list[BucketPlan]:
+    def _group_blocks(self, g: int, group: dict[str, Any]) -> GroupBlocks:
         names = group.get("param_names") or [None] * len(group["params"])
-        layouts = []
+        target = group["target_parameter_dimensionality"]
+        config = group["preconditioner_config"]
+        layouts, dtypes, devices = [], [], []
         for p, name in zip(group["params"], names):
             index = len(self._params)
             self._params.append(p)
             self._names.append(name or f"param{index}")
             if p.numel() == 0:
                 continue
-            layout = layout_param(
-                index,
-                self._names[-1],
-                p.shape,
-                group["max_preconditioner_dim"],
-                merge=group["use_merge_dims"] and p.is_contiguous(),
-                stacked=group["stacked"],
-                min_order=2
-                if isinstance(
-                    group["preconditioner_config"],
-                    SpectralDescentPreconditionerConfig | PSGDKronPreconditionerConfig,
+            layouts.append(
+                layout_param(
+                    index,
+                    self._names[-1],
+                    p.shape,
+                    group["max_preconditioner_dim"],
+                    merge=group["use_merge_dims"] and p.is_contiguous() and target != math.inf,
+                    stacked=group["stacked"],
+                    min_order=max(config.min_block_order, 1 if target == math.inf else int(target)),
                 )
-                else 1,
             )
-            layouts.append((layout, p.dtype, p.device))
-        self._layouts.append(layouts)
-        return self._make_plans(g, group, layouts)
+            dtypes.append(p.dtype)
+            devices.append(str(p.device))
+        return GroupBlocks(
+            index=g,
+            layouts=tuple(layouts),
+            dtypes=tuple(dtypes),
+            devices=tuple(devices),
+            preconditioner_config=config,
+            grafting_config=group["grafting_config"],
+            skip_preconditioning_rank_lt=group["skip_preconditioning_rank_lt"],
+            precondition_frequency=group["precondition_frequency"],
+        )
 
-    def _make_plans(self, g: int, group: dict[str, Any], layouts: list) -> list[BucketPlan]:
-        plans = []
-        for bucket in build_buckets(
-            g,
-            layouts,
+    def build_plan(
+        self,
+        world_size: int = 1,
+        cost_model: CostModel | None = None,
+        owners: Mapping[tuple[int, int], int] | None = None,
+    ) -> BlockPlan:
+        """The block plan of this optimizer's groups over ``world_size`` ranks (``owners`` keeps
+        earlier assignments). Pure: every rank builds the same one."""
+        return build_plan(
+            self._groups,
+            world_size=world_size,
             bucketing=self._use_bucketing,
-            owns=self._owns,
-            max_numel=self._max_bucket_numel,
-            tag=lambda layout: skips_preconditioning(group, layout),
-        ):
-            where = "parameter(s) " + ", ".join(dict.fromkeys(m.param.name for m in bucket.members))
-            config, graft = block_configs(group, bucket.members[0].param)
-            kernel = make_preconditioner(config, bucket.block_shape, where)
-            graft_kernel = None if graft is None else make_preconditioner(graft, bucket.block_shape, where)
-            plans.append(BucketPlan(bucket, kernel, graft_kernel))
-        return plans
+            max_bucket_numel=self._max_bucket_numel,
+            cost_model=cost_model,
+            owners=owners,
+        )
+
+    def use_plan(self, plan: BlockPlan, rank: int = 0) -> None:
+        """Hold state for, and step, only ``rank``'s buckets of ``plan`` (existing state moves to
+        its new buckets; other ranks' blocks are dropped). ``shard()`` does this with a process
+        group; without a distributor, updates of other ranks' blocks are simply not applied,
+        which emulates a rank (tests) or leaves communication to the caller."""
+        saved = self.state_dict() if len(self.state) else None
+        self._set_plan(plan, rank)
+        self.state.clear()
+        self._workspace = None
+        if saved is not None:
+            self.load_state_dict(saved)
+
+    def _set_plan(self, plan: BlockPlan, rank: int) -> None:
+        self._plan, self._rank, self._workspace = plan, rank, None
+        self.sharded = plan.world_size > 1  # blocks are split across ranks (each holds its own)
+        if self._distributor is not None:
+            self._distributor.plan = plan
+
+    def _world_size(self) -> int:
+        return 1 if self._plan is None else self._plan.world_size
+
+    def _owners(self) -> dict[tuple[int, int], int] | None:
+        return None if self._plan is None or self._plan.world_size == 1 else dict(self._plan.ownership.owners)
 
     @property
-    def plans(self) -> list[BucketPlan]:
+    def plan(self) -> BlockPlan:
+        assert self._plan is not None, "an optimizer with no param group has no plan"
+        return self._plan
+
+    @property
+    def buckets(self) -> tuple[Bucket, ...]:
         """The buckets this process holds state for (all of them unless sharded)."""
-        return [plan for plans in self._plans for plan in plans]
+        return () if self._plan is None else self._plan.local(self._rank)
+
+    @property
+    def distributor(self) -> Any:
+        """The distributor when sharded over a process group (``shard()``), else ``None``."""
+        return self._distributor
 
     def block_keys(self) -> list[tuple[int, int]]:
         """Every block of every parameter, ``(param_index, block_index)``, in a fixed order that is
         the same on every rank (sharded or not)."""
-        return [
-            (layout.index, block)
-            for layouts in self._layouts
-            for layout, _, _ in layouts
-            for block in range(layout.num_blocks)
-        ]
+        return [] if self._plan is None else self._plan.block_keys()
 
     def param_name(self, index: int) -> str:
         return self._names[index]
 
-    def _ensure_state(self) -> None:
-        """Allocate bucket state lazily (after the model has reached its device), as torch.optim does."""
-        for plan in self.plans:
-            if plan.bucket.key in self.state:
-                continue
-            first = self._param(plan.bucket.members[0].param.index)
-            n, device = plan.bucket.size, first.device
-            dtype = torch.promote_types(first.dtype, torch.float32)
-            opt: dict[str, Tensor] = {
-                "refresh_step": torch.full((n,), -1, dtype=torch.int64, device=device),
-                "failures": torch.zeros(n, dtype=torch.int32, device=device),
-                "nonfinite": torch.zeros(n, dtype=torch.int32, device=device),
-                "fallback": torch.zeros(n, dtype=torch.int8, device=device),
-                "epsilon_scale": torch.ones(n, dtype=torch.float32, device=device),
-                "refresh_request": torch.zeros(n, dtype=torch.bool, device=device),
-            }
-            for i in plan.kernel.factor_dims:
-                for name in ("condition_number", "min_eigenvalue", "max_eigenvalue"):
-                    opt[f"{name}.{i}"] = torch.full((n,), math.nan, dtype=torch.float32, device=device)
-            self.state[plan.bucket.key] = {  # type: ignore[index]
-                "precond": plan.kernel.init_state(n, device, dtype),
-                "graft": plan.graft.init_state(n, device, dtype) if plan.graft else {},
-                "opt": opt,
-            }
+    def _ensure_workspace(self) -> Workspace:
+        """Allocate the declared state (on the parameters' devices, as torch.optim does, at the
+        first step or load) and the step's buffers; rebuilt only when stale (host checks)."""
+        ws = self._workspace
+        if ws is None or not ws.valid_for(self.state, self.param_groups):  # type: ignore[arg-type]
+            params = self._distributor.parameters() if self._distributor is not None else self._params
+            ws = self._workspace = Workspace(self.buckets, self.state, params, self.param_groups)  # type: ignore[arg-type]
+        return ws
 
     # ------------------------------------------------------------------------------------- step
 
@@ -259,159 +265,77 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._ensure_state()
+        steps = [self._group_step(group) for group in self.param_groups]
         if self._distributor is not None:
-            self._distributor.begin_step()
+            grads = self._distributor.gradients()
+            params = self._distributor.parameters()
+        else:
+            grads, params = [p.grad for p in self._params], self._params
+        ws = self._ensure_workspace()
+        seconds = dict.fromkeys(range(len(steps)), 0.0)
         with _full_precision_matmul():
-            for g, group in enumerate(self.param_groups):
-                self._step_group(g, group)
+            for lane in ws.lanes:
+                self._step_lane(lane, grads, params, steps, seconds)
+        for g, spent in seconds.items():
+            if spent:
+                self.refresh_seconds[g] = spent
         if self._distributor is not None:
-            self._distributor.finish_step()
+            device = ws.lanes[0].device if ws.lanes else self._params[0].device
+            self._distributor.finish(ws.lanes, device)
         return loss
 
-    def _step_group(self, g: int, group: dict[str, Any]) -> None:
+    def _group_step(self, group: dict[str, Any]) -> _stages.GroupStep:
         step = group["step"] = int(group.get("step", 0)) + 1
-        frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
-        if not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"precondition_frequency must be a positive int, got {frequency!r}")
-        due = (step % frequency == 0 and step > start) or step == start
-        self._refresh_clock = 0.0
-        for plan in self._plans[g]:
-            state = self.state[plan.bucket.key]  # type: ignore[index]
-            direction = self._direction(plan, state, group, step, start, due)
-            if direction is not None:  # without gradients, pending refresh requests wait
-                self._refresh_requests.discard(plan.bucket.key)
-                self._apply(plan, direction, group["lr"])
-        if self._refresh_clock:
-            self.refresh_seconds[g] = self._refresh_clock
-
-    def _apply(self, plan: BucketPlan, direction: Tensor, lr: float | Tensor) -> None:
-        """Add the update ``U = -lr · P`` to the parameters. ``U`` is formed first (not fused into
-        the add) so a sharded run, which communicates ``U``, applies bitwise the same values."""
-        update = direction.mul_(-lr)
-        if self._distributor is not None:
-            self._distributor.stage(plan, update)
-        else:
-            scatter_add_(plan.bucket, self._param_map(plan.bucket), update, 1.0)
-
-    def _grad(self, index: int) -> Tensor | None:
-        """Gradient of parameter ``index`` as the pipeline sees it (a distributor may substitute
-        a gathered full tensor for a sharded one)."""
-        if self._distributor is not None:
-            return self._distributor.grad(index)
-        return self._params[index].grad
-
-    def _param(self, index: int) -> Tensor:
-        if self._distributor is not None:
-            return self._distributor.param(index)
-        return self._params[index]
-
-    def shard(self, process_group: Any = None, **options: Any) -> None:
-        """Split the preconditioner blocks across the ranks of ``process_group``: each rank keeps
-        state for and computes only its blocks, and one all-gather shares the updates. See
-        :func:`lightning_shampoo.distributed.shard_optimizer` for the options."""
-        from .distributed import shard_optimizer
-
-        shard_optimizer(self, process_group, **options)
-
-    def _replan(self) -> None:
-        """Rebuild every group's buckets (after ``_owns`` or layout options changed)."""
-        for g, group in enumerate(self.param_groups):
-            self._plans[g] = self._make_plans(g, group, self._layouts[g])
-
-    def _direction(
-        self, plan: BucketPlan, state: dict, group: dict[str, Any], step: int, start: float, due: bool
-    ) -> Tensor | None:
-        """The search direction ``P`` of one bucket (zero rows for skipped blocks)."""
-        bucket, opt = plan.bucket, state["opt"]
-        grads = {m.param.index: self._grad(m.param.index) for m in bucket.members}
-        if all(g is None for g in grads.values()):
-            return None
-        first = self._param(bucket.members[0].param.index)
-        dtype = torch.promote_types(first.dtype, torch.float32)
-        grad = gather(bucket, grads, dtype=dtype, device=first.device)
-        present = torch.ones(bucket.size, dtype=torch.bool, device=first.device)
-        for m in bucket.members:
-            if grads[m.param.index] is None:
-                present[m.offset : m.offset + m.region.count] = False
-        finite = torch.isfinite(row_norms(grad))
-        opt["nonfinite"] += (present & ~finite).to(torch.int32)
-        alive = present & finite
-        grad.masked_fill_(per_block(~alive, grad.ndim), 0.0)
-        wd = group["weight_decay"]
-        needs_params = wd != 0.0
-        params = (
-            gather(bucket, self._param_map(bucket), dtype=dtype, device=first.device)
-            if needs_params
-            else None
-        )
-        if params is not None and not group["use_decoupled_weight_decay"]:
-            grad.add_(params * per_block(alive.to(dtype), grad.ndim), alpha=wd)
-        beta2 = group["betas"][1]
-        ctx = Context(
+        return _stages.GroupStep(
             step=step,
-            beta2=beta2,
-            epsilon=group["epsilon"],
-            use_bias_correction=group["use_bias_correction"],
-            live=alive.to(dtype),
-            epsilon_scale=opt["epsilon_scale"],
-            **filter_description(group, step),
+            lr=group["lr"],
+            grafting_only=step < group["start_preconditioning_step"],
+            weight_decay=group["weight_decay"],
+            decoupled=group["use_decoupled_weight_decay"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["use_nesterov"],
         )
-        kernel, graft = plan.kernel, plan.graft
-        precond, graft_state = state["precond"], state["graft"]
-        kernel.update(precond, grad, ctx)
-        if graft is not None:
-            graft.update(graft_state, grad, ctx)
-        requested = bucket.key in self._refresh_requests
-        if kernel.amortized and (due or requested):
-            commit = opt["refresh_request"].clone()
-            if due:
-                commit |= due_blocks(plan, state, ctx, group.get("refresh_tolerance"))
-            self._refresh_clock += refresh_bucket(plan, state, ctx, commit)
-        kernel.update_after_refresh(precond, grad, ctx)
 
-        filtered = filtered_gradient(opt, grad, ctx, group)
-        use_grafting_method = step < start and graft is not None
-        if use_grafting_method:
-            assert graft is not None
-            direction = graft.precondition(graft_state, filtered, ctx).to(dtype)
-        else:
-            direction = kernel.precondition(precond, filtered, ctx).to(dtype)
-            graft_direction = None
-            if graft is not None:
-                graft_direction = graft.precondition(graft_state, filtered, ctx).to(dtype)
-                ratio = row_norms(graft_direction) / (row_norms(direction) + 1e-16)
-                direction = _owned(direction, filtered).mul_(per_block(ratio, direction.ndim))
-            if bucket.key in self._fallback_buckets:
-                mode = per_block(opt["fallback"], direction.ndim)
-                alternative = (
-                    filtered
-                    if graft_direction is None
-                    else torch.where(mode == FALLBACK_MODES["grafting"], graft_direction, filtered)
-                )
-                direction = torch.where(mode > 0, alternative, direction)
-        ok = alive & torch.isfinite(row_norms(direction))
-        opt["failures"] += (alive & ~ok).to(torch.int32)
-        skipped = per_block(~ok, direction.ndim)
-        direction = _owned(direction, filtered)
-        if params is not None and group["use_decoupled_weight_decay"]:
-            direction.add_(params, alpha=wd)
-        direction.masked_fill_(skipped, 0.0)  # before momentum: skipped rows leave it unchanged
-        if group["momentum"] != 0.0:
-            direction = momentum_(opt, direction, ok, group, step)
-            direction.masked_fill_(skipped, 0.0)
-        return direction
+    def _step_lane(
+        self,
+        lane: Lane,
+        grads: list[Tensor | None],
+        params: list[Tensor],
+        steps: list[_stages.GroupStep],
+        seconds: dict[int, float],
+    ) -> None:
+        persistent = params is self._params
 
-    def _param_map(self, bucket: Bucket) -> dict[int, Tensor]:
-        return {m.param.index: self._param(m.param.index) for m in bucket.members}
+        def views(link: Any) -> Tensor:
+            return param_view(lane, link, params, persistent)
+
+        present, all_present = _stages.gather(lane, grads)
+        _stages.l2_decay(lane, steps, views)
+        _stages.guard(lane, present, all_present)
+        _stages.ema_table(lane)
+        for slot in lane.slots:
+            slot.ctx.step = slot.graft_ctx.step = steps[slot.bucket.group].step
+        _stages.statistics(lane)
+        refresh_lane(
+            lane, self.param_groups, steps, present, all_present, self._requests, self._missed, seconds
+        )
+        _stages.after_refresh(lane)
+        _stages.filter_moments(lane)
+        _stages.direction(lane, steps, frozenset(self._fallback))
+        _stages.weight_decay(lane, steps, views)
+        _stages.momentum(lane, steps)
+        _stages.learning_rate(lane, steps)
+        if self._distributor is None:
+            _stages.apply_updates(lane, views)
 
     # --------------------------------------------------------------------- block-level controls
 
     def _locate(self, blocks: Iterable[tuple[int, int]]) -> dict[str, list[int]]:
         rows: dict[tuple[int, int], tuple[str, int]] = {}
-        for plan in self.plans:
-            for row, block_key in enumerate(plan.bucket.rows()):
-                rows[block_key] = (plan.bucket.key, row)
+        for bucket in self.buckets:
+            for row, block_key in enumerate(bucket.rows()):
+                rows[block_key] = (bucket.key, row)
         out: dict[str, list[int]] = {}
         for param_index, block_index in blocks:
             if (param_index, block_index) not in rows:
@@ -425,55 +349,149 @@ class Shampoo(torch.optim.Optimizer):
         preconditioner; ``None`` returns them to preconditioning. Statistics keep updating."""
         if mode not in FALLBACK_MODES:
             raise ValueError(f"mode must be one of {list(FALLBACK_MODES)}, got {mode!r}")
-        self._ensure_state()
+        self._ensure_workspace()
         for key, rows in self._locate(blocks).items():
-            fallback = self.state[key]["opt"]["fallback"]  # type: ignore[index]
-            fallback[rows] = FALLBACK_MODES[mode]
-        self._sync_fallback_flags()
+            self.state[key]["status"]["fallback"][rows] = FALLBACK_MODES[mode]  # type: ignore[index]
+        self._sync_host_flags()
 
     def request_refresh(self, blocks: Iterable[tuple[int, int]], epsilon_scale: float | None = None) -> None:
         """Refresh these blocks at the next step (off schedule), optionally with a larger damping
         ``epsilon · epsilon_scale`` from then on."""
-        self._ensure_state()
+        self._ensure_workspace()
         for key, rows in self._locate(blocks).items():
-            opt = self.state[key]["opt"]  # type: ignore[index]
-            opt["refresh_request"][rows] = True
+            status = self.state[key]["status"]  # type: ignore[index]
+            status["refresh_request"][rows] = True
             if epsilon_scale is not None:
-                opt["epsilon_scale"][rows] = float(epsilon_scale)
-            self._refresh_requests.add(key)
+                status["epsilon_scale"][rows] = float(epsilon_scale)
+            self._requests.add(key)
 
-    def _sync_fallback_flags(self) -> None:
-        self._fallback_buckets = {
-            plan.bucket.key
-            for plan in self.plans
-            if plan.bucket.key in self.state and bool(self.state[plan.bucket.key]["opt"]["fallback"].any())  # type: ignore[index]
-        }
-        self._refresh_requests = {
-            plan.bucket.key
-            for plan in self.plans
-            if plan.bucket.key in self.state
-            and bool(self.state[plan.bucket.key]["opt"]["refresh_request"].any())  # type: ignore[index]
-        }
+    def _sync_host_flags(self) -> None:
+        """Read the per-block flags into their host mirrors (a device read: off the step)."""
+        held = [(b.key, self.state[b.key]["status"]) for b in self.buckets if b.key in self.state]  # type: ignore[index]
+        self._fallback = {k for k, s in held if bool(s["fallback"].any())}
+        self._requests = {k for k, s in held if bool(s["refresh_request"].any())}
+        self._missed = {k for k, s in held if bool(s["refresh_missed"].any())}
 
-    # ------------------------------------------------------------------------------------ health
+    # ------------------------------------------------------------------------ health and state
+
+    def _steps(self) -> list[int]:
+        return [int(group.get("step", 0)) for group in self.param_groups]
 
     def health(self) -> list[BlockHealth]:
         """Per-block records of what the last refreshes computed (reads state; no recomputation)."""
-        return collect_health(self)
+        return collect_health(self.buckets, self.state, self._names, self._steps())  # type: ignore[arg-type]
 
-    # ------------------------------------------------------------------------------ checkpoints
+    def factor_spectra(self) -> dict[tuple[str, int], Tensor]:
+        """Eigenvalues of each layer's bias-corrected factors (this rank's blocks)."""
+        return factor_spectra(self.buckets, self.state, self._names, self.param_groups)  # type: ignore[arg-type]
+
+    def refresh_counts(self) -> tuple[int, int]:
+        """Block refreshes done and skipped (by ``refresh_tolerance``) on this rank so far."""
+        done = skipped = 0
+        for bucket in self.buckets:
+            status = self.state.get(bucket.key, {}).get("status")  # type: ignore[call-overload]
+            if status is not None:
+                done += int(status["refreshes"].sum())
+                skipped += int(status["refreshes_skipped"].sum())
+        return done, skipped
+
+    def block_state(self, key: tuple[int, int]) -> dict[str, Tensor]:
+        """One block's state ``{"section.name": tensor}`` (views of its bucket rows)."""
+        self._ensure_workspace()
+        ((bucket_key, (row,)),) = self._locate([key]).items()
+        return {
+            f"{section}.{name}": tensor[row]
+            for section, tensors in self.state[bucket_key].items()  # type: ignore[index]
+            for name, tensor in tensors.items()
+        }
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (every declared tensor, each counted once)."""
+        seen: dict[int, int] = {}
+        for sections in self.state.values():
+            for tensors in sections.values():
+                for tensor in tensors.values():
+                    base = tensor if tensor._base is None else tensor._base
+                    seen[id(base)] = base.numel() * base.element_size()
+        return sum(seen.values())
 
     def state_dict(self) -> dict[str, Any]:
         """Keyed by (parameter, block), independent of bucketing and of ranks; tensors and plain
         values only, so ``torch.load(..., weights_only=True)`` reads it."""
-        return _checkpoint.to_state_dict(self)
+        return {
+            "state": _checkpoint.state_rows(self.buckets, self.state),  # type: ignore[arg-type]
+            "param_groups": _checkpoint.saved_groups(self.param_groups),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        _checkpoint.load_state_dict(self, state_dict)
-        self._sync_fallback_flags()
+        """Check everything first, then write: a rejected checkpoint leaves the optimizer untouched."""
+        groups = state_dict["param_groups"]
+        saved_id = _checkpoint.check_groups(groups, self.param_groups)
+        self._ensure_workspace()
+        copies = _checkpoint.load_rows(
+            state_dict["state"],
+            saved_id,
+            self.buckets,
+            self.state,  # type: ignore[arg-type]
+            self._names,
+            [int(g.get("step", 0)) for g in groups],
+            partial=self.sharded,
+        )
+        for current, saved in zip(self.param_groups, groups):
+            for key, value in saved.items():
+                if key != "params":
+                    current[key] = tuple(value) if key == "betas" else value
+        for tensor, row, value in copies:
+            tensor[row].copy_(value)
+        self._workspace = None  # group values may have changed the workspace's constants
+        self._sync_host_flags()
 
+    # ---------------------------------------------------------------------------- distribution
 
-def _owned(direction: Tensor, filtered: Tensor) -> Tensor:
-    """``direction`` safe to modify in place: a kernel may return its input (SGD), which can be
-    the filtered-gradient buffer in the optimizer state."""
-    return direction.clone() if direction is filtered else direction
+    def shard(
+        self,
+        process_group: Any = None,
+        communication_dtype: torch.dtype = torch.float32,
+        *,
+        cost_model: CostModel | None = None,
+    ) -> Any:
+        """Split the preconditioner blocks across the ranks of ``process_group`` (a
+        ``ProcessGroup``, ``None`` for the default group, a 1-D ``DeviceMesh`` or a Lightning
+        strategy): each rank keeps state for and computes only its blocks, and one all-gather in
+        ``communication_dtype`` (fp32 keeps sharded == single device bitwise; bf16 halves the
+        traffic) shares the updates. Existing state follows its blocks. With one rank and no
+        ``DTensor`` parameters there is nothing to do and ``None`` is returned. Every rank must
+        call it; it first checks (one collective) that every rank built the same plan."""
+        from .distributed import (
+            COMMUNICATION_DTYPES,
+            check_same_plan,
+            is_dtensor,
+            make_distributor,
+            resolve_group,
+        )
+
+        if communication_dtype not in COMMUNICATION_DTYPES:
+            raise ValueError(f"communication_dtype must be a floating dtype, got {communication_dtype}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("shard() needs an initialised torch.distributed process group")
+        group = resolve_group(process_group)
+        if self._distributor is not None:
+            if self._distributor.group is group:
+                return self._distributor
+            raise RuntimeError("the optimizer is already sharded over another process group")
+        fsdp = any(is_dtensor(p) for p in self._params)
+        world_size = dist.get_world_size(group)
+        if world_size == 1 and not fsdp:
+            return None
+        plan = self.build_plan(world_size=world_size, cost_model=cost_model)
+        check_same_plan(plan, group)
+        decayed = {i for g in self.param_groups if g["weight_decay"] != 0.0 for i in self._indices(g)}
+        distributor = make_distributor(self._params, plan, group, communication_dtype, decayed)
+        self.use_plan(plan, dist.get_rank(group))
+        self._distributor = distributor
+        self._workspace = None
+        return distributor
+
+    def _indices(self, group: dict[str, Any]) -> list[int]:
+        ids = {id(p) for p in group["params"]}
+        return [i for i, p in enumerate(self._params) if id(p) in ids]

@@ -8,14 +8,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_shampoo import Shampoo
-from lightning_shampoo.blocking import (
-    build_buckets,
-    gather,
-    layout_param,
-    processed_shape,
-    scatter_add_,
-)
+from lightning_shampoo import RootInvShampooPreconditionerConfig, Shampoo
+from lightning_shampoo import _stages as stages
+from lightning_shampoo._workspace import Workspace
+from lightning_shampoo.blocking import layout_param, processed_shape
+from lightning_shampoo.plan import GroupBlocks, build_plan
 
 
 @pytest.mark.parametrize(
@@ -96,56 +93,78 @@ def test_region_view_is_a_view_of_the_parameter():
     assert torch.equal(p[64:, 32:], torch.full((6, 8), 4.0))
 
 
-def _layouts(shapes: list[tuple[int, ...]], max_dim: int, stacked: bool = False):
-    return [
-        (layout_param(i, f"p{i}", s, max_dim, stacked=stacked), torch.float32, torch.device("cpu"))
-        for i, s in enumerate(shapes)
-    ]
+def _plan(shapes: list[tuple[int, ...]], max_dim: int, *, stacked: bool = False, bucketing: bool = True):
+    layouts = tuple(layout_param(i, f"p{i}", s, max_dim, stacked=stacked) for i, s in enumerate(shapes))
+    group = GroupBlocks(
+        index=0,
+        layouts=layouts,
+        dtypes=(torch.float32,) * len(shapes),
+        devices=("cpu",) * len(shapes),
+        preconditioner_config=RootInvShampooPreconditionerConfig(),
+        grafting_config=None,
+    )
+    return build_plan([group], bucketing=bucketing), layouts
+
+
+def _lane(plan, tensors: list[Tensor]):
+    options = {
+        "betas": (0.0, 1.0),
+        "beta3": -1.0,
+        "momentum": 0.0,
+        "epsilon": 1e-12,
+        "use_bias_correction": True,
+    }
+    return Workspace(plan.local(0), {}, tensors, [options]).lanes[0]
 
 
 @pytest.mark.parametrize("bucketing", [True, False])
-def test_gather_scatter_round_trip(bucketing):
+def test_gather_and_apply_round_trip(bucketing):
+    """The workspace's strided views: gathering puts block ``b`` of parameter ``p`` in the bucket
+    row ``rows()`` names (checked against plain slicing), missing gradients gather as zeros, and
+    applying the rows as an update adds them back into the right places."""
     torch.manual_seed(0)
     shapes = [(96, 64), (70, 40), (64, 32), (96,), (3, 5, 7)]
-    layouts = _layouts(shapes, 32)
-    tensors = {i: torch.randn(s) for i, s in enumerate(shapes)}
-    buckets = build_buckets(0, layouts, bucketing=bucketing)
-    total = sum(layout.num_blocks for layout, _, _ in layouts)
-    assert sum(b.size for b in buckets) == total
-    rebuilt = {i: torch.zeros(s) for i, s in enumerate(shapes)}
-    for bucket in buckets:
-        stacked = gather(bucket, tensors, dtype=torch.float32, device=torch.device("cpu"))
-        assert stacked.shape == (bucket.size, *bucket.block_shape)
-        # Each row is the block named by rows(): compare with the reference slicing.
-        for row, (pidx, bidx) in enumerate(bucket.rows()):
-            layout = layouts[pidx][0]
+    plan, layouts = _plan(shapes, 32, bucketing=bucketing)
+    tensors = [torch.randn(s) for s in shapes]
+    total = sum(layout.num_blocks for layout in layouts)
+    assert sum(b.size for b in plan.local(0)) == total
+    lane = _lane(plan, [torch.zeros(s) for s in shapes])
+    present, complete = stages.gather(lane, tensors)
+    assert complete and bool(present.all())
+    for slot in lane.slots:
+        for row, (pidx, bidx) in enumerate(slot.bucket.rows()):
+            layout = layouts[pidx]
             ref = tensors[pidx].reshape(layout.processed_shape)[
                 _block_slices(layout.processed_shape, 32)[bidx]
             ]
-            assert torch.equal(stacked[row], ref)
-        scatter_add_(bucket, rebuilt, stacked, 1.0)
-    for i in tensors:
-        assert torch.equal(rebuilt[i], tensors[i])
-    # alpha as a tensor, and None sources gather as zeros.
-    for bucket in buckets:
-        zeros = gather(bucket, {}, dtype=torch.float32, device=torch.device("cpu"))
-        assert torch.equal(zeros, torch.zeros_like(zeros))
-        stacked = gather(bucket, tensors, dtype=torch.float32, device=torch.device("cpu"))
-        scatter_add_(bucket, rebuilt, stacked, torch.tensor(-2.0))
-    for i in tensors:
-        assert torch.allclose(rebuilt[i], -tensors[i])
+            assert torch.equal(slot.grad[row], ref)
+    rebuilt = [torch.zeros(s) for s in shapes]
+    lane.out.copy_(lane.grad)
+    stages.apply_updates(
+        lane, lambda link: link.region.split_view(link.layout.processed(rebuilt[link.layout.index]))
+    )
+    for a, b in zip(rebuilt, tensors):
+        assert torch.equal(a, b)
+    missing: list[Tensor | None] = [None, *tensors[1:]]
+    present, complete = stages.gather(lane, missing)
+    assert not complete
+    for slot in lane.slots:
+        for row, (pidx, _) in enumerate(slot.bucket.rows()):
+            assert bool(present[slot.start + row]) == (pidx != 0)
+            if pidx == 0:
+                assert not bool(slot.grad[row].any())
 
 
 def test_same_shape_blocks_share_a_bucket():
-    layouts = _layouts([(96, 64), (64, 32), (70, 40)], 32)
-    buckets = build_buckets(0, layouts)
+    plan, _ = _plan([(96, 64), (64, 32), (70, 40)], 32)
+    buckets = plan.local(0)
     sizes = {b.block_shape: b.size for b in buckets}
     # (32, 32): 6 from the 96x64, 2 from the 64x32, 2 from the 70x40.
     assert sizes == {(32, 32): 10, (32, 8): 2, (6, 32): 1, (6, 8): 1}
     big = next(b for b in buckets if b.block_shape == (32, 32))
     assert {m.param.index for m in big.members} == {0, 1, 2}
-    unbucketed = build_buckets(0, layouts, bucketing=False)
-    assert len(unbucketed) == 14 and all(b.size == 1 for b in unbucketed)
+    unbucketed, _ = _plan([(96, 64), (64, 32), (70, 40)], 32, bucketing=False)
+    assert len(unbucketed.local(0)) == 14 and all(b.size == 1 for b in unbucketed.local(0))
 
 
 def test_stacked_parameter_blocks_per_slice():
@@ -157,14 +176,15 @@ def test_stacked_parameter_blocks_per_slice():
     assert layout.num_blocks == 6
     assert sorted(set(layout.block_shapes().values())) == [(8, 20), (32, 20)]
     x = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
-    buckets = build_buckets(0, [(layout, torch.float32, torch.device("cpu"))])
-    assert sorted(b.block_shape for b in buckets) == [(8, 20), (32, 20)]
-    for bucket in buckets:
-        rows = gather(bucket, {0: x}, dtype=torch.float32, device=torch.device("cpu"))
-        for row, (_, bidx) in enumerate(bucket.rows()):
+    plan, _ = _plan([shape], 32, stacked=True)
+    assert sorted(b.block_shape for b in plan.local(0)) == [(8, 20), (32, 20)]
+    lane = _lane(plan, [torch.zeros(shape)])
+    stages.gather(lane, [x])
+    for slot in lane.slots:
+        for row, (_, bidx) in enumerate(slot.bucket.rows()):
             expert, part = divmod(bidx, 2)
             rows_slice = slice(0, 32) if part == 0 else slice(32, 40)
-            assert torch.equal(rows[row], x[expert, rows_slice])
+            assert torch.equal(slot.grad[row], x[expert, rows_slice])
     # Without stacked, a small leading dim would be merged away.
     assert layout_param(0, "w", (4, 2, 6), 64).processed_shape == (48,)
     assert layout_param(0, "w", (4, 2, 6), 64, stacked=True).num_blocks == 4
@@ -187,7 +207,7 @@ def test_non_contiguous_parameter_is_not_merged_and_updates_correctly():
     assert not transposed.is_contiguous()
     reference = torch.nn.Parameter(base.clone().t().contiguous())
     opt = Shampoo([transposed], max_preconditioner_dim=64)
-    assert opt.plans[0].bucket.block_shape == (6, 8)  # 48 <= 64 but not merged (no view exists)
+    assert opt.buckets[0].block_shape == (6, 8)  # 48 <= 64 but not merged (no view exists)
     grads = [[torch.randn(6, 8)] for _ in range(6)]
     kwargs = dict(lr=0.05, max_preconditioner_dim=64, precondition_frequency=2, betas=(0.9, 0.99))
     _train([transposed], grads, **kwargs)
@@ -201,7 +221,7 @@ def test_zero_size_parameters_are_skipped():
     empty = torch.nn.Parameter(torch.empty(0, 5))
     w = torch.nn.Parameter(torch.ones(4, 3))
     opt = Shampoo([empty, w], lr=0.1)
-    assert all(m.param.index == 1 for plan in opt.plans for m in plan.bucket.members)
+    assert all(m.param.index == 1 for plan in opt.buckets for m in plan.members)
     empty.grad = torch.empty(0, 5)
     w.grad = torch.full((4, 3), 0.5)
     opt.step()

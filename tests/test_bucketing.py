@@ -103,11 +103,11 @@ def test_bucketed_equals_one_block_at_a_time(name):
 
     # Bucket counts: (32,32) x 10 blocks from three parameters, (32,8) x 2, (6,32), (6,8),
     # (32,) x 5 from both biases, (6,): six buckets; the reference has one per block (20).
-    sizes = sorted((p.bucket.block_shape, p.bucket.size) for p in bucketed.plans)
+    sizes = sorted((p.block_shape, p.size) for p in bucketed.buckets)
     assert sizes == [((6,), 1), ((6, 8), 1), ((6, 32), 1), ((32,), 5), ((32, 8), 2), ((32, 32), 10)]
-    shared = next(p.bucket for p in bucketed.plans if p.bucket.block_shape == (32, 32))
+    shared = next(p for p in bucketed.buckets if p.block_shape == (32, 32))
     assert {m.param.index for m in shared.members} == {0, 1, 2}
-    assert len(looped.plans) == 20 and all(p.bucket.size == 1 for p in looped.plans)
+    assert len(looped.buckets) == 20 and all(p.size == 1 for p in looped.buckets)
 
     for a, b, p0 in zip(bucketed_params, looped_params, initial):
         assert not torch.equal(a.detach(), p0.detach())
@@ -147,7 +147,7 @@ def test_stacked_parameter_equals_separate_parameters(name):
 
     stacked = torch.nn.Parameter(init.clone())
     opt_stacked = Shampoo([{"params": [stacked], "stacked": True}], **kwargs)
-    assert [(p.bucket.block_shape, p.bucket.size) for p in opt_stacked.plans] == [((d, d), experts)]
+    assert [(p.block_shape, p.size) for p in opt_stacked.buckets] == [((d, d), experts)]
     separate = [torch.nn.Parameter(init[e].clone()) for e in range(experts)]
     opt_separate = Shampoo(separate, **kwargs)
     for grad in grads:

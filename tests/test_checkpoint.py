@@ -138,7 +138,7 @@ def test_state_dict_is_keyed_by_param_and_block():
         assert blocks == set(range([3, 3, 9, 3, 3, 1][pidx])), pidx
         for b in blocks:
             sections = {key.split(".")[1] for key in entry if key.startswith(f"block_{b}.")}
-            assert sections == {"precond", "graft", "opt"}
+            assert sections == {"precond", "graft", "moments", "status"}
     # The weight 40x40 in blocks of 16: 3x3 = 9 blocks; factor.0 of a 16x16 block is 16x16.
     assert {int(k.split(".")[0][6:]) for k in sd["state"][2]} == set(range(9))
     assert sd["state"][2]["block_0.precond.factor.0"].shape == (16, 16)
@@ -170,7 +170,7 @@ def test_bucketed_checkpoint_loads_into_unbucketed_optimizer():
     resumed = _model(seed=7).double()
     resumed.load_state_dict(checkpoint["model"])
     resumed_opt = _make(resumed, use_bucketing=False, **kwargs)
-    assert len(resumed_opt.plans) == 22 and len(first_opt.plans) == 11
+    assert len(resumed_opt.buckets) == 22 and len(first_opt.buckets) == 11
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     _train(resumed, resumed_opt, batches[k:])
     for a, b in zip(reference.parameters(), resumed.parameters()):

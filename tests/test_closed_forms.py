@@ -93,8 +93,8 @@ def test_three_dim_block_uses_exponent_one_sixth(config: str) -> None:
     )
     param.grad = grad
     optimizer.step()
-    (plan,) = optimizer.plans
-    assert plan.bucket.block_shape == (d, d, d)
+    (plan,) = optimizer.buckets
+    assert plan.block_shape == (d, d, d)
     assert plan.kernel.exponents == pytest.approx({0: 1 / 6, 1: 1 / 6, 2: 1 / 6})  # type: ignore[attr-defined]
     torch.testing.assert_close(param.detach(), -LR * grad / (c * d**0.5))
 

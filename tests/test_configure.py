@@ -174,11 +174,7 @@ def test_muon_keeps_embeddings_and_head_on_adam() -> None:
         "out.bias",
     ]
     # the conv kernel [4, 2, 3, 3] is one 2-D block, as spectral descent needs
-    conv = [
-        plan.bucket.block_shape
-        for plan in optimizer.plans
-        if plan.bucket.members[0].param.name == "conv.weight"
-    ]
+    conv = [plan.block_shape for plan in optimizer.buckets if plan.members[0].param.name == "conv.weight"]
     assert conv == [(4, 18)]
     # a head registered under a usual name wins over the last Linear
     named = nn.ModuleDict({"head": nn.Linear(4, 4), "proj": nn.Linear(4, 4)})

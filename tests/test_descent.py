@@ -66,7 +66,7 @@ def test_sign_descent_scale_fn_scales_each_block() -> None:
     grad = _randn(10, 4, seed=3)
     weight.grad = grad.clone()
     optimizer.step()
-    assert sorted(plan.bucket.block_shape for plan in optimizer.plans) == [(2, 4), (4, 4)]
+    assert sorted(plan.block_shape for plan in optimizer.buckets) == [(2, 4), (4, 4)]
     for rows in (slice(0, 4), slice(4, 8), slice(8, 10)):
         block = grad[rows]
         torch.testing.assert_close(weight.detach()[rows], -LR * block.abs().sum() * block.sign())
@@ -96,8 +96,8 @@ def test_spectral_descent_svd_is_polar_factor_times_scale(scale: Any, factor: fl
     grad = _randn(8, 4, seed=5)
     weight.grad = grad.clone()
     optimizer.step()
-    (plan,) = optimizer.plans
-    assert plan.bucket.block_shape == (8, 4)
+    (plan,) = optimizer.buckets
+    assert plan.block_shape == (8, 4)
     torch.testing.assert_close(weight.detach(), -LR * factor * _polar(grad))
 
 
@@ -156,8 +156,8 @@ def test_spectral_descent_merges_conv_weight_to_two_dims() -> None:
     """[out, in, k, k] = [8, 3, 3, 3] becomes one 8x27 block, orthogonalized as a matrix."""
     conv = nn.Conv2d(3, 8, kernel_size=3, bias=False)
     optimizer = Shampoo(conv.parameters(), lr=LR, betas=(0.0, 1.0), preconditioner_config=SVD)
-    (plan,) = optimizer.plans
-    assert plan.bucket.block_shape == (8, 27)
+    (plan,) = optimizer.buckets
+    assert plan.block_shape == (8, 27)
     grad = _randn(8, 3, 3, 3, seed=8)
     before = conv.weight.detach().clone()
     conv.weight.grad = grad.clone()

@@ -153,8 +153,8 @@ def _emulated_shard_run(config: Any, world: int | None, bucketing: bool = True) 
             use_bucketing=bucketing,
         )
         if world is not None:
-            opt._owns = lambda p, b, rank=rank: (7 * p + 3 * b) % world == rank
-            opt._replan()
+            owners = {(p, b): (7 * p + 3 * b) % world for p, b in opt.block_keys()}
+            opt.use_plan(opt.build_plan(world_size=world, owners=owners), rank)
         opts.append(opt)
     g = torch.Generator().manual_seed(1)
     for _ in range(6):
@@ -222,11 +222,24 @@ def test_shard_without_lightning(tmp_path: Path) -> None:
             assert torch.equal(full["state"][p][key].nan_to_num(), value.nan_to_num()), (p, key)
 
 
+def test_merged_weights_beside_skipped_vectors_shard_and_match(tmp_path: Path) -> None:
+    """Merged ``[4, 16]`` weights and 64-vectors that skip preconditioning share a block length:
+    both ranks shard (one plan, built once), step, and end bitwise equal to each other and to
+    the replicated run."""
+    torch.multiprocessing.spawn(shard_worker.worker, args=(free_port(), str(tmp_path), "collision"), nprocs=2)
+    reference = shard_worker.single("collision")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for out in ranks:
+        assert out["sharded"]
+        assert all(torch.equal(a, b) for a, b in zip(out["params"], reference["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+
+
 def test_shard_on_one_rank_is_a_no_op() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         opt = ls.Shampoo(Net().parameters())
-        assert opt.shard() is None and not opt.sharded and opt._distributor is None
+        assert opt.shard() is None and not opt.sharded and opt.distributor is None
         with pytest.raises(ValueError, match="communication_dtype"):
             opt.shard(communication_dtype=torch.int32)
     finally:

@@ -95,9 +95,9 @@ def test_condition_numbers_match_the_factor_eigenvalues():
     for r in opt.health():
         assert r.last_refresh_step == 6
         for dim, (cond, lo, hi) in enumerate(zip(r.condition_numbers, r.min_eigenvalues, r.max_eigenvalues)):
-            plan = next(p for p in opt.plans if r.key in p.bucket.rows())
-            row = plan.bucket.rows().index(r.key)
-            factor = opt.state[plan.bucket.key]["precond"][f"factor.{dim}"][row].double() / bc2
+            plan = next(p for p in opt.buckets if r.key in p.rows())
+            row = plan.rows().index(r.key)
+            factor = opt.state[plan.key]["precond"][f"factor.{dim}"][row].double() / bc2
             values = torch.linalg.eigvalsh(factor)
             lam = values.clamp_min(0)
             expected = float((lam.max() + eps) / (lam.min() + eps))

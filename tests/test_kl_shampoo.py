@@ -48,7 +48,7 @@ def _optimizer(param: nn.Parameter, **kwargs: object) -> Shampoo:
 def test_default_exponent_is_one_half_for_every_order() -> None:
     for shape in [(5, 3), (3, 4, 2)]:
         optimizer = _optimizer(nn.Parameter(torch.zeros(shape, dtype=F64)))
-        (plan,) = optimizer.plans
+        (plan,) = optimizer.buckets
         assert plan.kernel.exponents == {i: 0.5 for i in range(len(shape))}  # type: ignore[attr-defined]
 
 

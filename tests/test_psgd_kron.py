@@ -30,7 +30,7 @@ def _kernel(shape: tuple[int, ...], **kwargs: Any) -> PSGDKronPreconditioner:
 
 
 def _ctx(step: int, live: Tensor) -> Context:
-    return Context(step=step, beta2=1.0, epsilon=1e-12, use_bias_correction=False, live=live)
+    return Context.uniform(step=step, beta2=1.0, epsilon=1e-12, use_bias_correction=False, live=live)
 
 
 def _spd(d: int, cond: float, gen: torch.Generator) -> Tensor:
@@ -134,7 +134,7 @@ def test_optimizer_keeps_two_dims_for_matrices() -> None:
     1-D diagonal blocks; a conv kernel becomes a 2-D block."""
     model = small_model()
     opt = Shampoo(model.named_parameters(), preconditioner_config=PSGDKronPreconditionerConfig())
-    kernels = {m.param.name: plan.kernel for plan in opt.plans for m in plan.bucket.members}
+    kernels = {m.param.name: plan.kernel for plan in opt.buckets for m in plan.members}
     expected = {
         "conv.weight": (3, 18),  # [3, 2, 3, 3]: merged down to two dims, not to one
         "fc1.weight": (8, 12),
@@ -173,7 +173,7 @@ def test_zero_and_nan_gradients_never_produce_non_finite_values(mode: str, init_
         opt.step()
     assert _all_finite(opt)
     if init_scale is None:
-        assert not any(bool(opt.state[plan.bucket.key]["precond"]["initialized"].any()) for plan in opt.plans)
+        assert not any(bool(opt.state[plan.key]["precond"]["initialized"].any()) for plan in opt.buckets)
     batches = make_batches(8, seed=5)
     train(model, opt, batches[:4])
     # A NaN in one parameter's gradient, then a step where every gradient is NaN.

@@ -70,17 +70,15 @@ def test_optimizer_fits_exactly_on_scheduled_steps() -> None:
     model = nn.Linear(5, 4, bias=False)
     config = PSGDKronPreconditionerConfig(preconditioner_update_probability=0.3)
     opt = Shampoo(model.parameters(), lr=0.01, preconditioner_config=config)
-    kernel = opt.plans[0].kernel
+    kernel = opt.buckets[0].kernel
     assert isinstance(kernel, PSGDKronPreconditioner)
     gen = torch.Generator().manual_seed(2)
     changed = []
     for step in range(1, 21):
-        before = (
-            [t.clone() for t in opt.state[opt.plans[0].bucket.key]["precond"].values()] if step > 1 else None
-        )
+        before = [t.clone() for t in opt.state[opt.buckets[0].key]["precond"].values()] if step > 1 else None
         model.weight.grad = torch.randn(4, 5, generator=gen)
         opt.step()
-        after = list(opt.state[opt.plans[0].bucket.key]["precond"].values())
+        after = list(opt.state[opt.buckets[0].key]["precond"].values())
         if before is not None and any(not torch.equal(x, y) for x, y in zip(before, after)):
             changed.append(step)
     assert changed == [s for s in range(2, 21) if kernel.update_due(s)]
@@ -158,7 +156,7 @@ def test_resume_is_bitwise(case: str) -> None:
         assert torch.equal(value.nan_to_num(), resumed_state[key].nan_to_num()), key
     assert any(key[1].endswith("precond.q.0") for key in ref_state)
     # Q was fitted after the resume (the schedule is not all-or-nothing).
-    kernel = ref_opt.plans[0].kernel
+    kernel = ref_opt.buckets[0].kernel
     assert isinstance(kernel, PSGDKronPreconditioner)
     assert any(kernel.update_due(s) for s in range(k + 1, k + n + 1))
     assert not all(kernel.update_due(s) for s in range(k + 1, k + n + 1))

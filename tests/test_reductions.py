@@ -171,9 +171,9 @@ def test_blocking_really_splits_the_model() -> None:
     from helpers import small_model
 
     optimizer = _shampoo(small_model(), RootInvShampooPreconditionerConfig(), 0.0)
-    shapes = {plan.bucket.block_shape for plan in optimizer.plans}
+    shapes = {plan.block_shape for plan in optimizer.buckets}
     assert {len(s) for s in shapes} == {1, 2, 3}
-    assert len(optimizer.plans) >= 7
+    assert len(optimizer.buckets) >= 7
 
 
 def test_weight_decay_modes_differ() -> None:

@@ -132,8 +132,8 @@ def test_eigh_always_failing_keeps_identity_and_counts(monkeypatch, name):
     for p, p0 in zip(params, initial):
         assert torch.isfinite(p).all()
         assert not torch.equal(p.detach(), p0)  # training went on
-    for plan in opt.plans:
-        for key, value in opt.state[plan.bucket.key]["precond"].items():
+    for plan in opt.buckets:
+        for key, value in opt.state[plan.key]["precond"].items():
             if key.startswith(("root.", "eigenvectors.")):
                 eye = torch.eye(value.shape[-1], dtype=value.dtype).expand_as(value)
                 assert torch.equal(value, eye), key  # identity: never refreshed successfully
@@ -161,8 +161,8 @@ def test_refresh_recovers_after_failures_stop(monkeypatch):
         assert r.failure_count == 2
         assert r.last_refresh_step == 6
         assert all(math.isfinite(c) and c >= 1.0 for c in r.condition_numbers)
-    for plan in opt.plans:
-        root = opt.state[plan.bucket.key]["precond"]["root.0"]
+    for plan in opt.buckets:
+        root = opt.state[plan.key]["precond"]["root.0"]
         assert not torch.equal(root, torch.eye(root.shape[-1]).expand_as(root))
     # Failure at the next refresh keeps the preconditioner of step 6, bit for bit.
     kept = {k: v for k, v in _snapshot(opt).items() if _is_refreshed_key(k[1])}
@@ -190,9 +190,9 @@ def test_one_failing_block_does_not_poison_its_bucket(monkeypatch):
     for key, r in records.items():
         if key != (0, 2):
             assert r.failure_count == 0 and r.last_refresh_step == 2, key
-    plan = next(p for p in opt.plans if (0, 2) in p.bucket.rows())
-    root = opt.state[plan.bucket.key]["precond"]["root.0"]
-    row = plan.bucket.rows().index((0, 2))
+    plan = next(p for p in opt.buckets if (0, 2) in p.rows())
+    root = opt.state[plan.key]["precond"]["root.0"]
+    row = plan.rows().index((0, 2))
     assert torch.equal(root[row], torch.eye(32))
     assert all(not torch.equal(root[i], torch.eye(32)) for i in range(root.shape[0]) if i != row)
 
@@ -217,11 +217,16 @@ def test_nonfinite_gradient_freezes_only_its_block(bad):
         assert not torch.equal(w_after[W_BLOCKS[b]], w_before[W_BLOCKS[b]])
     frozen, moved = _block_state(before, 0, 3), _block_state(after, 0, 3)
     for key, value in frozen.items():
-        if key == "opt.nonfinite":
+        if key == "status.nonfinite":
             assert int(moved[key]) == int(value) + 1
         else:
             assert _equal(moved[key], value), key
-    for key in ("precond.factor.0", "graft.second_moment", "opt.filtered_grad", "opt.momentum_buffer"):
+    for key in (
+        "precond.factor.0",
+        "graft.second_moment",
+        "moments.filtered_grad",
+        "moments.momentum_buffer",
+    ):
         assert not torch.equal(_block_state(after, 0, 0)[key], _block_state(before, 0, 0)[key]), key
 
     # Step 4 (a refresh step): the whole of V is bad. Statistics and V stay; roots may refresh.
@@ -231,7 +236,13 @@ def test_nonfinite_gradient_freezes_only_its_block(bad):
     after = _snapshot(opt)
     assert torch.equal(params[1].detach(), v_before)
     assert not torch.equal(params[0].detach(), w_before)
-    statistics = ("precond.factor.", "graft.", "opt.filtered_grad", "opt.momentum_buffer", "opt.failures")
+    statistics = (
+        "precond.factor.",
+        "graft.",
+        "moments.filtered_grad",
+        "moments.momentum_buffer",
+        "status.failures",
+    )
     checked = 0
     for key, value in _block_state(before, 1, 0).items():
         if key.startswith(statistics):
@@ -274,12 +285,12 @@ def test_fallback_sgd_grafting_and_back():
     params, twin = _params(), _params()
     opt, reference = _make(params, **kwargs), _make(twin, **kwargs)
     grads = _grads(5)
-    squares = [torch.zeros(64, 48), torch.zeros(32, 32)]  # AdaGrad's sum of squares, by hand
+    squares = [torch.zeros(64, 48), torch.zeros(32, 32)]  # AdaGrad's sum of squares, as torch's Adagrad
     for t in range(2):
         _step(opt, params, grads[t])
         _step(reference, twin, grads[t])
         for s, g in zip(squares, grads[t]):
-            s.add_(g * g)
+            s.addcmul_(g, g)
     opt.set_fallback([(0, 0), (0, 3)], "sgd")
     opt.set_fallback([(1, 0)], "grafting")
     assert {r.key: r.fallback for r in opt.health() if r.fallback} == {
@@ -292,7 +303,7 @@ def test_fallback_sgd_grafting_and_back():
         _step(opt, params, grads[t])
         _step(reference, twin, grads[t])
         for s, g in zip(squares, grads[t]):
-            s.add_(g * g)
+            s.addcmul_(g, g)
         g_w, g_v = grads[t]
         w, v = params[0].detach(), params[1].detach()
         for b in (0, 3):  # SGD: the update is -lr · (filtered) gradient, exactly
@@ -304,7 +315,7 @@ def test_fallback_sgd_grafting_and_back():
     # Statistics kept updating during the fallback: the state equals the reference run's.
     state, ref_state = _snapshot(opt), _snapshot(reference)
     for key, value in ref_state.items():
-        if key[1].endswith("opt.fallback"):
+        if key[1].endswith("status.fallback"):
             continue
         assert _equal(state[key], value), key
     opt.set_fallback([(0, 0), (0, 3), (1, 0)], None)
@@ -356,7 +367,7 @@ def test_grafting_never_rescales_the_filtered_gradient_in_place(beta1):
         graft = buffer / (squares.sqrt() + 1e-10)
         expected -= 0.1 * buffer * graft.norm() / buffer.norm()
         if beta1:
-            torch.testing.assert_close(opt.state[opt.plans[0].bucket.key]["opt"]["filtered_grad"][0], buffer)
+            torch.testing.assert_close(opt.state[opt.buckets[0].key]["moments"]["filtered_grad"][0], buffer)
         torch.testing.assert_close(p.detach(), expected)
 
 
@@ -459,7 +470,7 @@ def test_params_without_grad_are_skipped():
     assert not torch.equal(params[0].detach(), w0)
     v_state = _block_state(_snapshot(opt), 1, 0)
     assert torch.equal(v_state["precond.factor.0"], torch.zeros(32, 32))
-    assert int(v_state["opt.nonfinite"]) == 0
+    assert int(v_state["status.nonfinite"]) == 0
     records = {r.key: r for r in opt.health()}
     assert records[(1, 0)].nonfinite_count == 0 and records[(1, 0)].failure_count == 0
 
@@ -478,7 +489,7 @@ def test_momentum_of_a_late_starting_block_matches_torch_sgd(use_bucketing):
         preconditioner_config=SGDPreconditionerConfig(),
         use_bucketing=use_bucketing,
     )
-    assert len(opt.plans) == (1 if use_bucketing else 2)
+    assert len(opt.buckets) == (1 if use_bucketing else 2)
     sgd = torch.optim.SGD(reference, lr=0.1, momentum=0.9, dampening=0.5)
     g = torch.Generator().manual_seed(0)
     for t in range(4):

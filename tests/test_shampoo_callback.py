@@ -385,11 +385,11 @@ def test_every_preset_works_as_drop_in(preconditioner: str) -> None:
     assert matrices and vectors and len(matrices) + len(vectors) == len(records)
     # Biases take the wrapped AdamW's own update (its Adam, no grafting); weights the preset.
     assert {h.preconditioner for h in vectors} == {"adam"}
-    bias_plans = [p for p in optimizer.plans if p.bucket.members[0].param.name.endswith("bias")]
-    assert bias_plans and all(p.graft is None for p in bias_plans)
+    bias_buckets = [p for p in optimizer.buckets if p.members[0].param.name.endswith("bias")]
+    assert bias_buckets and all(p.graft is None for p in bias_buckets)
     if preconditioner != "adam":
         assert "adam" not in {h.preconditioner for h in matrices}
-    if any(p.kernel.amortized for p in optimizer.plans):
+    if any(p.kernel.amortized for p in optimizer.buckets):
         assert all(h.last_refresh_step >= 2 for h in matrices)
     for p, p0 in zip(model.parameters(), before):
         assert torch.isfinite(p).all() and not torch.equal(p, p0)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from helpers import assert_same_parameters, side_by_side
 from torch import Tensor, nn
 
+import lightning_shampoo.preconditioners as preconditioners
 import lightning_shampoo.preconditioners.amortized as amortized
 from lightning_shampoo import (
     EigenvalueCorrectedShampooPreconditionerConfig,
@@ -23,7 +25,8 @@ from lightning_shampoo import (
     QREigendecompositionConfig,
     Shampoo,
 )
-from lightning_shampoo.preconditioners import Context
+from lightning_shampoo.preconditioners import Context, Preconditioner
+from lightning_shampoo.preconditioners.base import apply_along_dims
 from lightning_shampoo.preconditioners.soap import SOAPPreconditioner
 
 F64 = torch.float64
@@ -144,9 +147,11 @@ def _scrambled_state(
 def _refreshed_direction(
     kernel: SOAPPreconditioner, state: dict[str, Tensor], grad: Tensor
 ) -> tuple[Tensor, Tensor]:
-    ctx = Context(step=7, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(2, dtype=F64))
+    ctx = Context.uniform(
+        step=7, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(2, dtype=F64)
+    )
     before = kernel.precondition(state, grad, ctx)
-    result = kernel.refresh(state, Context(**{**ctx.__dict__, "warm": True}), torch.ones(2, dtype=torch.bool))
+    result = kernel.refresh(state, replace(ctx, warm=True), torch.ones(2, dtype=torch.bool))
     assert not bool(result.failed.any())
     return before, kernel.precondition(state, grad, ctx)
 
@@ -239,13 +244,43 @@ def test_known_eigenbasis_soap_is_adam_on_singular_values(amortized_config: Any)
 def test_rotated_momentum_equals_rotating_the_filtered_gradient(
     monkeypatch: pytest.MonkeyPatch, beta1: float, tolerance: float | None
 ) -> None:
-    """SOAP keeps the filtered gradient's buffer in its eigenbasis between refreshes instead of
-    rotating it each step: the same directions (to rounding) as rotating every step, through
-    refreshes (full and partial), skipped blocks (NaN gradients) and β₁ = 0."""
+    """SOAP keeps the filtered gradient in its eigenbasis (carried into each new basis at a
+    refresh) instead of keeping it in the parameter's basis and rotating it each step: the same
+    directions (to rounding) as the reference — the optimizer's own filtered gradient, rotated
+    in and out by the pure ``precondition`` every step — through refreshes (full and partial),
+    skipped blocks (NaN gradients) and β₁ = 0."""
+
+    class RotateEachStep(SOAPPreconditioner):
+        keeps_first_moment = False
+        update_after_refresh_many = Preconditioner.update_after_refresh_many  # one bucket at a time
+        precondition_many = Preconditioner.precondition_many
+
+        def state_schema(self, dtype: torch.dtype, options: Any) -> dict:
+            schema = super().state_schema(dtype, options)
+            schema.pop("rotated_momentum", None)
+            return schema
+
+        def update_after_refresh(self, state: dict, grad: Tensor, ctx: Context, scratch: Any = None) -> None:
+            rotated = apply_along_dims(grad, self._bases(state), transpose=True)
+            second = state["corrected_eigenvalues"]
+            second.mul_(ctx.ema2.shaped("keep", second.ndim)).addcmul_(
+                rotated, rotated, value=1 - ctx.ema2.beta
+            )
+
+        def precondition_into(
+            self, state: dict, grad: Tensor, ctx: Context, out: Tensor, scratch: Tensor
+        ) -> None:
+            out.copy_(self.precondition(state, grad, ctx))
 
     def run(rotate_every_step: bool) -> list[Tensor]:
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(12, 8, dtype=F64)), nn.Parameter(torch.randn(8, 8, dtype=F64))]
+        if rotate_every_step:
+            registry = [
+                (EigenvalueCorrectedShampooPreconditionerConfig, RotateEachStep),
+                *preconditioners._REGISTRY,
+            ]
+            monkeypatch.setattr(preconditioners, "_REGISTRY", registry)
         opt = Shampoo(
             params,
             lr=0.01,
@@ -256,14 +291,7 @@ def test_rotated_momentum_equals_rotating_the_filtered_gradient(
             refresh_tolerance=tolerance,
             preconditioner_config=EigenvalueCorrectedShampooPreconditionerConfig(**SOAP64),
         )
-        if rotate_every_step:
-            original = SOAPPreconditioner.precondition
-
-            def rotate_input(self: SOAPPreconditioner, state: dict, grad: Tensor, ctx: Context) -> Tensor:
-                state.pop("rotated_momentum", None)
-                return original(self, state, grad, ctx)
-
-            monkeypatch.setattr(SOAPPreconditioner, "precondition", rotate_input)
+        assert all(isinstance(b.kernel, RotateEachStep) == rotate_every_step for b in opt.buckets)
         g = torch.Generator().manual_seed(1)
         for step in range(1, 19):
             for p in params:
@@ -297,7 +325,9 @@ def test_refresh_rotates_the_second_moment_into_the_new_basis() -> None:
         state[f"factor.{i}"] = ((q * values) @ q.mT)[None]
     v = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0), dtype=F64) + 0.1
     state["corrected_eigenvalues"] = v.clone()
-    ctx = Context(step=3, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(1, dtype=F64))
+    ctx = Context.uniform(
+        step=3, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(1, dtype=F64)
+    )
     result = kernel.refresh(state, ctx, torch.ones(1, dtype=torch.bool))
     assert not bool(result.failed.any())
     left, right = (q.mT.square() for q in bases)
@@ -322,7 +352,9 @@ def test_a_block_that_does_not_commit_keeps_its_moment() -> None:
     """Blocks outside ``commit`` (not due) keep their moment bit for bit."""
     kernel, state, _, _ = _scrambled_state()
     before = state["corrected_eigenvalues"].clone()
-    ctx = Context(step=7, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(2, dtype=F64))
+    ctx = Context.uniform(
+        step=7, beta2=1.0, epsilon=1e-8, use_bias_correction=True, live=torch.ones(2, dtype=F64)
+    )
     kernel.refresh(state, ctx, torch.tensor([True, False]))
     assert torch.equal(state["corrected_eigenvalues"][1], before[1])
     assert not torch.equal(state["corrected_eigenvalues"][0], before[0])

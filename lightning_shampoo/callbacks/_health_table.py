@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..health import BlockHealth
-from ..optim import FALLBACK_MODES, Shampoo
+from ..health import FALLBACK_CODES, FALLBACK_NAMES, BlockHealth
+from ..optim import Shampoo
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -39,7 +39,6 @@ __all__ = [
 #: keep their first ``MAX_FACTORS`` factors (with a warning).
 MAX_FACTORS = 8
 
-_FALLBACK_NAMES = {code: name for name, code in FALLBACK_MODES.items()}
 
 # Column layout of the table.
 (_PRESENT, _GROUP, _STEP, _LAST_REFRESH, _FAILURES, _NONFINITE, _FALLBACK, _EPS_SCALE, _REFRESHES) = range(9)
@@ -81,11 +80,11 @@ def shampoo_optimizers(optimizers: Sequence[object]) -> list[tuple[int, Shampoo]
 
 def local_block_keys(optimizer: Shampoo) -> set[tuple[int, int]]:
     """Blocks this rank holds state for (all of them unless sharded); no device sync."""
-    return {key for plan in optimizer.plans for key in plan.bucket.rows()}
+    return {key for bucket in optimizer.buckets for key in bucket.rows()}
 
 
 def _kinds(optimizer: Shampoo) -> dict[tuple[int, int], str]:
-    return {key: plan.kernel.kind for plan in optimizer.plans for key in plan.bucket.rows()}
+    return {key: bucket.kernel.kind for bucket in optimizer.buckets for key in bucket.rows()}
 
 
 def _group_kind(optimizer: Shampoo, group: int) -> str:
@@ -111,7 +110,7 @@ def _encode(h: BlockHealth) -> list[float]:
     row[_LAST_REFRESH] = h.last_refresh_step
     row[_FAILURES] = h.failure_count
     row[_NONFINITE] = h.nonfinite_count
-    row[_FALLBACK] = FALLBACK_MODES[h.fallback]
+    row[_FALLBACK] = FALLBACK_CODES[h.fallback]
     row[_EPS_SCALE] = h.epsilon_scale
     row[_REFRESHES] = h.refreshes
     row[_SKIPPED] = h.skipped_refreshes
@@ -146,7 +145,7 @@ def _decode(
         max_eigenvalues=tuple(row[_MAX_EIG : _MAX_EIG + k]),
         failure_count=int(row[_FAILURES]),
         nonfinite_count=int(row[_NONFINITE]),
-        fallback=_FALLBACK_NAMES[int(row[_FALLBACK])],
+        fallback=FALLBACK_NAMES[int(row[_FALLBACK])],
         epsilon_scale=row[_EPS_SCALE],
         refreshes=int(row[_REFRESHES]),
         skipped_refreshes=int(row[_SKIPPED]),

@@ -28,14 +28,7 @@ __all__ = ["PreconditionFrequencyScheduler", "refresh_counts"]
 
 def refresh_counts(optimizer: Shampoo) -> torch.Tensor:
     """``[done, skipped]`` block refreshes of the blocks this process holds (one device sync)."""
-    sums = []
-    for plan in optimizer.plans:
-        opt = optimizer.state.get(plan.bucket.key, {}).get("opt", {})  # type: ignore[call-overload]
-        if "refreshes" in opt:  # created with "refreshes_skipped" at a bucket's first refresh
-            sums.append(torch.stack([opt["refreshes"].sum(), opt["refreshes_skipped"].sum()]).to(torch.int64))
-    if not sums:
-        return torch.zeros(2, dtype=torch.int64)
-    return torch.stack(sums).sum(0).cpu()
+    return torch.tensor(optimizer.refresh_counts(), dtype=torch.int64)
 
 
 class PreconditionFrequencyScheduler(pl.Callback):

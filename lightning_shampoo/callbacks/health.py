@@ -286,37 +286,8 @@ class PreconditionerHealthMonitor(pl.Callback):
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers:
             return
-        for (name, factor), values in factor_spectra(optimizer).items():
+        for (name, factor), values in optimizer.factor_spectra().items():
             tag = f"{prefix}_spectra/{name}/factor{factor}_log10_eigenvalues"
             data = values.clamp_min(torch.finfo(values.dtype).tiny).log10()
             for writer in writers:
                 writer.add_histogram(tag, data, global_step=step)
-
-
-@torch.no_grad()
-def factor_spectra(optimizer: Shampoo) -> dict[tuple[str, int], torch.Tensor]:
-    """Eigenvalues of each layer's bias-corrected factors (this rank's blocks), keyed by
-    ``(parameter name, factor dim)``: stored eigenvalues where the preconditioner keeps them,
-    otherwise ``eigvalsh`` of the factor (off the hot path: logging steps only)."""
-    spectra: dict[tuple[str, int], list[torch.Tensor]] = {}
-    for plan in optimizer.plans:
-        state = optimizer.state.get(plan.bucket.key)  # type: ignore[call-overload]
-        if state is None:
-            continue
-        group = optimizer.param_groups[plan.bucket.group]
-        beta2, step = group["betas"][1], int(group.get("step", 0))
-        bc2 = 1.0 - beta2**step if group["use_bias_correction"] and beta2 < 1.0 and step > 0 else 1.0
-        precond, rows = state["precond"], plan.bucket.rows()
-        for i in plan.kernel.factor_dims:
-            if f"eigenvalues.{i}" in precond:
-                values = precond[f"eigenvalues.{i}"].detach().double() / bc2
-            elif f"factor.{i}" in precond:
-                factor = precond[f"factor.{i}"].detach().double() / bc2
-                if not bool(torch.isfinite(factor).all()):
-                    continue
-                values = torch.linalg.eigvalsh(factor)
-            else:
-                continue
-            for row, (pidx, _) in enumerate(rows):
-                spectra.setdefault((optimizer.param_name(pidx), i), []).append(values[row].cpu())
-    return {key: torch.cat(parts) for key, parts in spectra.items()}

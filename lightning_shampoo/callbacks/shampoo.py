@@ -223,7 +223,7 @@ class ShampooCallback(pl.Callback):
         """Under plain ``"ddp"`` Lightning saves rank 0's own ``optimizer.state_dict()``, which for
         a sharded Shampoo holds rank 0's blocks only: gather every block into it (a collective;
         this hook runs on every rank)."""
-        from ..distributed import consolidate_checkpoint
+        from ..strategies.ddp import consolidate_checkpoint
 
         consolidate_checkpoint(trainer, checkpoint)
 

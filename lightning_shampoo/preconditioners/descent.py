@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torch import Tensor
 
@@ -55,6 +55,8 @@ class SpectralDescentPreconditionerConfig(PreconditionerConfig):
     ``sqrt(max(1, rows/cols))`` (Muon); ``"rms"`` by ``0.2·sqrt(max(rows, cols))`` (matches AdamW's
     update RMS, so AdamW learning rates carry over)."""
 
+    family: ClassVar[str | None] = "muon"
+    min_block_order: ClassVar[int] = 2
     orthogonalization_config: NewtonSchulzOrthogonalizationConfig | SVDOrthogonalizationConfig = field(
         default_factory=NewtonSchulzOrthogonalizationConfig
     )
@@ -67,6 +69,7 @@ class SpectralDescentPreconditionerConfig(PreconditionerConfig):
 
 class SignDescentPreconditioner(Preconditioner):
     kind = "sign_descent"
+    linear = False
 
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
         assert isinstance(self.config, SignDescentPreconditionerConfig)
@@ -81,6 +84,7 @@ class SignDescentPreconditioner(Preconditioner):
 
 class SpectralDescentPreconditioner(Preconditioner):
     kind = "spectral_descent"
+    linear = False
 
     def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
         super().__init__(config, block_shape, where)

@@ -3,17 +3,21 @@
 They serve as main preconditioners (for parameters where a Kronecker factorisation does not pay)
 and as ``grafting_config``, the per-block step-size reference that Shampoo's direction borrows its
 norm from. Field names and semantics follow Distributed Shampoo; the update formulas match
-``torch.optim`` so that grafting-only runs reproduce those optimizers.
+``torch.optim`` so that grafting-only runs reproduce those optimizers. Their work is elementwise,
+so the ``*_many`` methods serve every bucket of the step with one ``torch._foreach_*`` call per
+operation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .base import Context, Preconditioner, PreconditionerConfig, ema_
+from .base import Context, Preconditioner, PreconditionerConfig, StateSpec, decay_
 
 __all__ = [
     "AdaGradPreconditionerConfig",
@@ -28,11 +32,14 @@ __all__ = [
 class SGDPreconditionerConfig(PreconditionerConfig):
     """Identity: the (filtered) gradient is the search direction."""
 
+    diagonal: ClassVar[bool] = True
+
 
 @dataclass(frozen=True, kw_only=True)
 class AdaGradPreconditionerConfig(PreconditionerConfig):
     """``g / (sqrt(Σ g²) + epsilon)``, as ``torch.optim.Adagrad``."""
 
+    diagonal: ClassVar[bool] = True
     epsilon: float = 1e-10
 
     def __post_init__(self) -> None:
@@ -57,6 +64,7 @@ class RMSpropPreconditionerConfig(AdaGradPreconditionerConfig):
 class AdamPreconditionerConfig(RMSpropPreconditionerConfig):
     """RMSprop with Adam's ``1 - β₂ᵗ`` bias correction; β₁ is the optimizer's ``betas[0]``."""
 
+    family: ClassVar[str | None] = "adam"
     beta2: float = 0.999
 
 
@@ -73,23 +81,60 @@ class DiagonalPreconditioner(Preconditioner):
             self.kind = "adagrad"
         else:
             self.kind = "sgd"
+        #: The second moment's EMA factor (1: a sum, AdaGrad) and its additive damping.
+        self.beta2: float = getattr(config, "beta2", 1.0)
+        self.epsilon: float = getattr(config, "epsilon", 0.0)
 
-    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    def bias_corrected(self, use_bias_correction: bool) -> bool:
+        """Whether the second moment is divided by ``1 - β₂ᵗ`` (Adam only, as torch)."""
+        return self.kind == "adam" and use_bias_correction
+
+    def state_schema(self, dtype: torch.dtype, options: Mapping[str, Any]) -> dict[str, StateSpec]:
         if self.kind == "sgd":
             return {}
-        return {"second_moment": torch.zeros(n, *self.block_shape, device=device, dtype=dtype)}
+        return {"second_moment": StateSpec(self.block_shape, dtype)}
 
     def update(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
-        if self.kind == "sgd":
+        self.update_many([(self, state, grad, ctx)])
+
+    @classmethod
+    def update_many(cls, jobs: Sequence[tuple[Preconditioner, dict[str, Tensor], Tensor, Context]]) -> None:
+        """``v ← β₂·v + (1-β₂)·g²`` (AdaGrad: ``v += g²``) on live blocks, for every bucket at once."""
+        stateful = [
+            (k, s["second_moment"], g, c)
+            for k, s, g, c in jobs
+            if isinstance(k, DiagonalPreconditioner) and k.kind != "sgd"
+        ]
+        decay_([(v, c.diagonal.shaped("keep", v.ndim)) for k, v, _, c in stateful if k.beta2 != 1.0])
+        if stateful:
+            weights = [1.0 if k.beta2 == 1.0 else 1.0 - k.beta2 for k, _, _, _ in stateful]
+            grads = [g for _, _, g, _ in stateful]
+            torch._foreach_addcmul_([v for _, v, _, _ in stateful], grads, grads, weights)
+
+    @staticmethod
+    def denominators_into(
+        jobs: Sequence[tuple[DiagonalPreconditioner, dict[str, Tensor], Context, Tensor]],
+    ) -> None:
+        """``out ← sqrt(v) / sqrt(1 - β₂ᵗ) + ε`` (torch's Adam/RMSprop/Adagrad denominator) for
+        every stateful bucket at once; SGD buckets are skipped."""
+        jobs = [j for j in jobs if j[0].kind != "sgd"]
+        if not jobs:
             return
-        beta2 = getattr(self.config, "beta2", 1.0)
-        ema_(state["second_moment"], grad * grad, beta2, ctx.live)
+        outs = [out for _, _, _, out in jobs]
+        torch._foreach_copy_(outs, [s["second_moment"] for _, s, _, _ in jobs])
+        torch._foreach_sqrt_(outs)
+        corrected = [
+            (out, c.diagonal.shaped("root", out.ndim))
+            for k, _, c, out in jobs
+            if k.kind == "adam" and c.diagonal.root is not None
+        ]
+        if corrected:
+            torch._foreach_div_([o for o, _ in corrected], [r for _, r in corrected])
+        torch._foreach_add_(outs, [k.epsilon for k, _, _, _ in jobs])
 
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
         if self.kind == "sgd":
             return grad
-        denom = state["second_moment"].sqrt()  # the only temporary: the rest works in place
-        if self.kind == "adam" and ctx.use_bias_correction:
-            denom.div_((1.0 - self.config.beta2**ctx.step) ** 0.5)  # type: ignore[attr-defined]
-        denom.add_(self.config.epsilon)  # type: ignore[attr-defined]
+        denom = torch.empty_like(grad)
+        self.denominators_into([(self, state, ctx, denom)])
         return torch.div(grad, denom, out=denom)

@@ -16,8 +16,9 @@ shared by all blocks, so it too is identical across ranks, layouts and resumes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from ..linalg.psgd import (
     update_q0p5eq1p5,
     update_quad,
 )
-from .base import Context, Preconditioner, PreconditionerConfig, commit_, outer_products, per_block
+from .base import Context, Preconditioner, PreconditionerConfig, StateSpec, commit_, outer_products, per_block
 
 __all__ = [
     "PSGDKronPreconditioner",
@@ -112,6 +113,8 @@ class PSGDKronPreconditionerConfig(PreconditionerConfig):
       estimate costs about one LU per dense factor).
     """
 
+    family: ClassVar[str | None] = "psgd_kron"
+    min_block_order: ClassVar[int] = 2
     mode: str = "Q0.5EQ1.5"
     preconditioner_lr: float = 0.1
     lipschitz_beta: float = 0.9
@@ -180,6 +183,7 @@ class PSGDKronPreconditioner(Preconditioner):
 
     kind = "psgd_kron"
     amortized = False
+    linear = False  # the RMS clip of the update
 
     def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
         super().__init__(config, block_shape, where)
@@ -211,21 +215,23 @@ class PSGDKronPreconditioner(Preconditioner):
     def _storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.cfg.preconditioner_dtype or dtype
 
-    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    def state_schema(self, dtype: torch.dtype, options: Mapping[str, Any]) -> dict[str, StateSpec]:
         sdtype = self._storage_dtype(dtype)
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         scale = (self.cfg.init_scale or 1.0) ** (1.0 / self.order)
-        state: dict[str, Tensor] = {}
+        schema: dict[str, StateSpec] = {}
         for i, d in enumerate(self.block_shape):
-            ones = torch.full((n, d), scale, dtype=sdtype, device=device)
-            state[f"q.{i}"] = torch.diag_embed(ones) if self.dense[i] else ones
-            if self.dense[i] and self.cfg.cache_preconditioner:
-                state[f"p.{i}"] = torch.diag_embed(ones * scale)
-            state[f"lipschitz.{i}"] = torch.zeros(n, dtype=cdtype, device=device)
-            state[f"health.{i}"] = torch.full((n, 3), math.nan, dtype=torch.float32, device=device)
+            if self.dense[i]:
+                schema[f"q.{i}"] = StateSpec((d, d), sdtype, "identity", scale)
+                if self.cfg.cache_preconditioner:
+                    schema[f"p.{i}"] = StateSpec((d, d), sdtype, "identity", scale * scale)
+            else:
+                schema[f"q.{i}"] = StateSpec((d,), sdtype, scale)
+            schema[f"lipschitz.{i}"] = StateSpec((), cdtype)
+            schema[f"health.{i}"] = StateSpec((3,), torch.float32, math.nan)
         if self.cfg.init_scale is None:
-            state["initialized"] = torch.zeros(n, dtype=torch.bool, device=device)
-        return state
+            schema["initialized"] = StateSpec((), torch.bool, False)
+        return schema
 
     # ------------------------------------------------------------------------------ schedule
 

@@ -13,8 +13,9 @@ roots are refreshed every ``precondition_frequency`` steps. Three variants share
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -39,14 +40,16 @@ from .base import (
     Preconditioner,
     PreconditionerConfig,
     RefreshResult,
+    StateSpec,
+    accumulate_factors_many,
     accumulate_outer_,
     apply_along_dims,
     check_dtype,
     commit_,
     eigenbasis_drift,
     ema_,
-    identity,
     per_block,
+    precondition_kronecker_into,
     relative_change,
     resolve_exponent,
 )
@@ -77,6 +80,7 @@ def _check_exponent_override(override: Mapping) -> None:
 class _ShampooFamilyConfig(PreconditionerConfig):
     """``inverse_exponent_override``: ``{order: α | {dim: α}}``; α = 0 leaves a dim unpreconditioned."""
 
+    kronecker: ClassVar[bool] = True
     inverse_exponent_override: Mapping[int, float | Mapping[int, float]] = field(default_factory=dict)
     factor_matrix_dtype: torch.dtype = torch.float32
 
@@ -89,6 +93,7 @@ class _ShampooFamilyConfig(PreconditionerConfig):
 class RootInvShampooPreconditionerConfig(_ShampooFamilyConfig):
     """Classic Shampoo caching ``Lᵢ^(-αᵢ)``; default ``αᵢ = 1/(2·order)``."""
 
+    family: ClassVar[str | None] = "shampoo"
     amortized_computation_config: EigenConfig | CoupledNewtonConfig = field(default_factory=EigenConfig)
     inv_factor_matrix_dtype: torch.dtype = torch.float32
 
@@ -106,6 +111,7 @@ class RootInvShampooPreconditionerConfig(_ShampooFamilyConfig):
 class EigendecomposedShampooPreconditionerConfig(_ShampooFamilyConfig):
     """Shampoo keeping each factor's eigendecomposition (eigh, or QR warm start)."""
 
+    family: ClassVar[str | None] = "eigen"
     amortized_computation_config: EigendecompositionConfig = field(
         default_factory=EighEigendecompositionConfig
     )
@@ -176,19 +182,21 @@ class ShampooPreconditioner(Preconditioner):
         assert isinstance(cfg, RootInvShampooPreconditionerConfig)
         return cfg.inv_factor_matrix_dtype, cfg.inv_factor_matrix_dtype
 
-    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    def state_schema(self, dtype: torch.dtype, options: Mapping[str, Any]) -> dict[str, StateSpec]:
         assert isinstance(self.config, _ShampooFamilyConfig)
         fdtype = self.config.factor_matrix_dtype
         vdtype, edtype = self._dtypes()
-        state: dict[str, Tensor] = {}
+        schema: dict[str, StateSpec] = {}
         for i in self.factor_dims:
             d = self.block_shape[i]
-            state[f"factor.{i}"] = torch.zeros(n, d, d, dtype=fdtype, device=device)
-            state[f"root.{i}"] = identity(n, d, dtype=vdtype, device=device)
+            schema[f"factor.{i}"] = StateSpec((d, d), fdtype)
+            schema[f"root.{i}"] = StateSpec((d, d), vdtype, "identity")
             if self.eigendecomposed:
-                state[f"eigenvectors.{i}"] = identity(n, d, dtype=vdtype, device=device)
-                state[f"eigenvalues.{i}"] = torch.zeros(n, d, dtype=edtype, device=device)
-        return state
+                schema[f"eigenvectors.{i}"] = StateSpec((d, d), vdtype, "identity")
+                schema[f"eigenvalues.{i}"] = StateSpec((d,), edtype)
+            elif options.get("refresh_tolerance") is not None:  # drift() compares with it
+                schema[f"reference.{i}"] = StateSpec((d, d), fdtype)
+        return schema
 
     def transform_grad_for_outer_product(
         self, state: dict[str, Tensor], grad: Tensor, dim: int, ctx: Context
@@ -200,7 +208,17 @@ class ShampooPreconditioner(Preconditioner):
         for i in self.factor_dims:
             factor = state[f"factor.{i}"]
             x = self.transform_grad_for_outer_product(state, grad, i, ctx).to(factor.dtype)
-            accumulate_outer_(factor, x, i, ctx.beta2, ctx.live)
+            accumulate_outer_(factor, x, i, ctx.ema2)
+
+    @classmethod
+    def update_many(cls, jobs: Sequence[tuple[Preconditioner, dict[str, Tensor], Tensor, Context]]) -> None:
+        """Classic Shampoo's factor EMAs for every bucket: one ``_foreach_mul_`` decays all
+        factors, then one ``baddbmm`` per factor adds ``(1-β₂)·GGᵀ``."""
+        plain = [(k.factor_dims, s, g, c) for k, s, g, c in jobs if type(k) is ShampooPreconditioner]
+        for kernel, state, grad, ctx in jobs:
+            if type(kernel) is not ShampooPreconditioner:  # KL-Shampoo transforms G per factor
+                kernel.update(state, grad, ctx)
+        accumulate_factors_many(plain)
 
     def _eigen_refresh(self, state: dict[str, Tensor], i: int, matrix: Tensor, ctx: Context):
         cfg = self.config
@@ -211,11 +229,11 @@ class ShampooPreconditioner(Preconditioner):
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
         amortized = getattr(self.config, "amortized_computation_config", None)
         eps = ctx.block_epsilon(getattr(self.config, "factor_matrix_dtype", None))
-        bc2 = ctx.bias_correction2
+        bc2 = per_block(ctx.bias_correction2, 3)
         block_failed = torch.zeros_like(commit)
         stats: list[SpectrumStats | None] = []
         for i, alpha in self.exponents.items():
-            matrix = state[f"factor.{i}"] / bc2
+            matrix = state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype)
             root_key = f"root.{i}"
             if isinstance(amortized, CoupledNewtonConfig):
                 root, _, failed = coupled_newton_inverse_root(
@@ -246,7 +264,10 @@ class ShampooPreconditioner(Preconditioner):
                 if self.eigendecomposed:
                     ok = commit & ~failed
                     commit_(state[f"eigenvectors.{i}"], vectors, ok)
-                    commit_(state[f"eigenvalues.{i}"], values * bc2, ok)
+                    commit_(state[f"eigenvalues.{i}"], values * bc2[..., 0].to(values.dtype), ok)
+            # Exactly symmetric (eigh's Q·diag·Qᵀ and Newton's products are so only up to
+            # rounding): the plain step then multiplies by the root without transposing it.
+            root = (root + root.mT).mul_(0.5)
             commit_(state[root_key], root, commit & ~failed)
             if f"reference.{i}" in state:  # snapshot for drift(); see there
                 commit_(state[f"reference.{i}"], matrix, commit & ~failed)  # bias-corrected
@@ -256,11 +277,15 @@ class ShampooPreconditioner(Preconditioner):
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
         return apply_along_dims(grad, {i: state[f"root.{i}"] for i in self.factor_dims})
 
+    def precondition_into(
+        self, state: dict[str, Tensor], grad: Tensor, ctx: Context, out: Tensor, scratch: Tensor
+    ) -> None:
+        precondition_kronecker_into(grad, {i: state[f"root.{i}"] for i in self.factor_dims}, out, scratch)
+
     def drift(self, state: dict[str, Tensor], ctx: Context) -> Tensor | None:
         """Eigendecomposed: off-diagonal mass of each factor in its stored eigenbasis. Root-inverse
-        keeps no basis, so it compares with a snapshot of the factor taken at refresh — created on
-        first use (returning ``None``, i.e. refresh everything, that once) to cost no memory
-        unless ``refresh_tolerance`` is in use."""
+        keeps no basis, so it compares with a snapshot of the factor taken at refresh (declared
+        only when ``refresh_tolerance`` is set, so it costs no memory otherwise)."""
         if not self.factor_dims:
             return None
         if self.eigendecomposed:
@@ -268,13 +293,13 @@ class ShampooPreconditioner(Preconditioner):
                 eigenbasis_drift(state[f"factor.{i}"], state[f"eigenvectors.{i}"]) for i in self.factor_dims
             ]
         else:
-            missing = [i for i in self.factor_dims if f"reference.{i}" not in state]
-            for i in missing:
-                state[f"reference.{i}"] = torch.zeros_like(state[f"factor.{i}"])
-            if missing:
-                return None
+            if f"reference.{self.factor_dims[0]}" not in state:
+                return None  # declared only with refresh_tolerance
+            bc2 = per_block(ctx.bias_correction2, 3)
             drifts = [
-                relative_change(state[f"factor.{i}"] / ctx.bias_correction2, state[f"reference.{i}"])
+                relative_change(
+                    state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype), state[f"reference.{i}"]
+                )
                 for i in self.factor_dims
             ]
         return torch.stack(drifts).amax(0)
@@ -295,11 +320,11 @@ class KLShampooPreconditioner(ShampooPreconditioner):
         assert isinstance(config, KLShampooPreconditionerConfig)
         self.correction = config.eigenvalue_correction
 
-    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        state = super().init_state(n, device, dtype)
+    def state_schema(self, dtype: torch.dtype, options: Mapping[str, Any]) -> dict[str, StateSpec]:
+        schema = super().state_schema(dtype, options)
         if self.correction:
-            state["refreshed"] = torch.zeros(n, dtype=torch.bool, device=device)
-        return state
+            schema["refreshed"] = StateSpec((), torch.bool, False)
+        return schema
 
     def transform_grad_for_outer_product(
         self, state: dict[str, Tensor], grad: Tensor, dim: int, ctx: Context
@@ -315,11 +340,13 @@ class KLShampooPreconditioner(ShampooPreconditioner):
 
     def _correct_eigenvalues(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
         """``λᵢ ← β₂λᵢ + (1-β₂)·diag(Qᵢᵀ G (⊗ⱼ≠ᵢ Lⱼ⁻¹) Gᵀ Qᵢ)/Πⱼ≠ᵢdⱼ`` in the last eigenbases."""
-        bc2 = ctx.bias_correction2
+        bc2 = ctx.bias_correction2.unsqueeze(-1)
         eps = ctx.block_epsilon(getattr(self.config, "factor_matrix_eigenvalues_dtype", None))
         # The stored eigenvalues still describe the previous step's factors (as do the roots the
         # factor update just used), so they take that step's bias correction, not this one's.
-        previous_bc2 = replace(ctx, step=max(ctx.step - 1, 1)).bias_correction2
+        previous_bc2 = ctx.previous_bias_correction2()
+        if isinstance(previous_bc2, Tensor):
+            previous_bc2 = previous_bc2.unsqueeze(-1)
         eps_column = eps.unsqueeze(-1) if isinstance(eps, Tensor) else eps
         bases = {i: state[f"eigenvectors.{i}"] for i in self.factor_dims}
         energy = apply_along_dims(grad, bases, transpose=True).square()
@@ -335,6 +362,12 @@ class KLShampooPreconditioner(ShampooPreconditioner):
                 inv = torch.where(lam > rtol * lam.amax(-1, keepdim=True), inv, 0.0)
             inverse[j] = inv
         live = ctx.live * state["refreshed"].to(ctx.live.dtype)
+        ema = replace(
+            ctx.ema2,
+            keep=torch.where(live > 0, ctx.ema2.beta, 1.0),
+            weight=(1.0 - ctx.ema2.beta) * live,
+            _shaped={},
+        )
         order = self.order
         for i in self.factor_dims:
             x = energy
@@ -348,10 +381,10 @@ class KLShampooPreconditioner(ShampooPreconditioner):
             # sum(dim=[]) would reduce over every dim (mixing the bucket's blocks): 1-D blocks skip it.
             estimate = (x.sum(dim=summed) if summed else x) / scale
             estimate = torch.where(per_block(live > 0, estimate.ndim), estimate, 0.0)  # sums (β₂=1) too
-            ema_(state[f"eigenvalues.{i}"], estimate, ctx.beta2, live)
+            ema_(state[f"eigenvalues.{i}"], estimate, ema)
         refreshed = state["refreshed"]
         for i, alpha in self.exponents.items():
-            values = state[f"eigenvalues.{i}"] / bc2
+            values = state[f"eigenvalues.{i}"] / bc2.to(state[f"eigenvalues.{i}"].dtype)
             vectors = bases[i]
             root = inverse_root_from_eigh(
                 values.to(vectors.dtype),
@@ -361,7 +394,7 @@ class KLShampooPreconditioner(ShampooPreconditioner):
                 pseudo_inverse=pseudo_inverse,
                 rank_rtol=rank_rtol,
             )
-            commit_(state[f"root.{i}"], root, refreshed)
+            commit_(state[f"root.{i}"], (root + root.mT).mul_(0.5), refreshed)
 
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
         result = super().refresh(state, ctx, commit)

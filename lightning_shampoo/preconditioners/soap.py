@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -34,13 +35,14 @@ from .base import (
     Preconditioner,
     PreconditionerConfig,
     RefreshResult,
-    accumulate_outer_,
+    StateSpec,
+    accumulate_factors_many,
     apply_along_dims,
+    as_dtype,
     check_dtype,
     commit_,
+    decay_,
     eigenbasis_drift,
-    ema_,
-    identity,
     per_block,
 )
 
@@ -56,6 +58,8 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
     ``rotate_corrected_eigenvalues``: carry the second moment into each new basis (below; False:
     leave it in place, as the reference SOAP does, permuting it only when QR re-sorts columns)."""
 
+    family: ClassVar[str | None] = "soap"
+    kronecker: ClassVar[bool] = True
     amortized_computation_config: EigendecompositionConfig = field(
         default_factory=EighEigendecompositionConfig
     )
@@ -91,10 +95,15 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
 
 
 class SOAPPreconditioner(Preconditioner):
-    """SOAP over one bucket."""
+    """SOAP over one bucket. It keeps the β₁-filtered gradient itself, in the eigenbasis
+    (``rotated_momentum``): rotation is linear, so the EMA of rotated gradients is the rotated EMA,
+    and the plain step rotates each gradient once (into the basis) and each update once (back),
+    four matmuls, with no copy of the filtered gradient in the parameter's basis. At a refresh the
+    buffer is carried into the new basis exactly (``R = Q_newᵀ Q_old`` per dim)."""
 
     kind = "soap"
     amortized = True
+    keeps_first_moment = True
 
     def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
         super().__init__(config, block_shape, where)
@@ -108,48 +117,53 @@ class SOAPPreconditioner(Preconditioner):
     def factor_dims(self) -> tuple[int, ...]:
         return self.basis_dims
 
-    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        state: dict[str, Tensor] = {}
+    def state_schema(self, dtype: torch.dtype, options: Mapping[str, Any]) -> dict[str, StateSpec]:
+        schema: dict[str, StateSpec] = {}
         for i in self.basis_dims:
             d = self.block_shape[i]
-            state[f"factor.{i}"] = torch.zeros(n, d, d, dtype=self.cfg.factor_matrix_dtype, device=device)
-            state[f"eigenvectors.{i}"] = identity(
-                n, d, dtype=self.cfg.factor_matrix_eigenvectors_dtype, device=device
+            schema[f"factor.{i}"] = StateSpec((d, d), self.cfg.factor_matrix_dtype)
+            schema[f"eigenvectors.{i}"] = StateSpec(
+                (d, d), self.cfg.factor_matrix_eigenvectors_dtype, "identity"
             )
-        state["corrected_eigenvalues"] = torch.zeros(
-            n, *self.block_shape, dtype=self.cfg.corrected_eigenvalues_dtype, device=device
-        )
-        return state
+        schema["corrected_eigenvalues"] = StateSpec(self.block_shape, self.cfg.corrected_eigenvalues_dtype)
+        if options["betas"][0] > 0.0:
+            schema["rotated_momentum"] = StateSpec(self.block_shape, dtype)
+        return schema
 
     def _bases(self, state: dict[str, Tensor]) -> dict[int, Tensor]:
         return {i: state[f"eigenvectors.{i}"] for i in self.basis_dims}
 
     def update(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
-        for i in self.basis_dims:
-            factor = state[f"factor.{i}"]
-            accumulate_outer_(factor, grad, i, ctx.beta2, ctx.live)
+        accumulate_factors_many([(self.basis_dims, state, grad, ctx)])
+
+    @classmethod
+    def update_many(cls, jobs: Sequence[tuple[Preconditioner, dict[str, Tensor], Tensor, Context]]) -> None:
+        accumulate_factors_many([(k.factor_dims, s, g, c) for k, s, g, c in jobs])
 
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
-        bc2 = ctx.bias_correction2
-        state.pop("rotated_momentum", None)  # the basis changes: precondition re-rotates its input
+        bc2 = per_block(ctx.bias_correction2, 3)
         block_failed = torch.zeros_like(commit)
         stats = []
         second = state["corrected_eigenvalues"]
+        momentum = state.get("rotated_momentum")
         rotate = self.cfg.rotate_corrected_eigenvalues
         changes: dict[int, Tensor] = {}
+        basis_changes: dict[int, Tensor] = {}
         for i in self.basis_dims:
             key = f"eigenvectors.{i}"
-            matrix = state[f"factor.{i}"] / bc2
-            old = state[key].to(matrix.dtype, copy=rotate)  # commit_ writes state[key] in place
+            matrix = state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype)
+            old = state[key].to(matrix.dtype, copy=True)  # commit_ writes state[key] in place
             values, vectors, permutation, failed = eigendecompose(
                 matrix, self.cfg.amortized_computation_config, old, warm=ctx.warm
             )
             ok = commit & ~failed
             commit_(state[key], vectors, ok)
-            if rotate:  # blocks whose basis stayed put get exactly the identity
-                change = (state[key].to(matrix.dtype).mT @ old).square_()
-                eye = torch.eye(change.shape[-1], dtype=change.dtype, device=change.device)
-                changes[i] = torch.where(per_block(ok, 3), change, eye)
+            change = state[key].to(matrix.dtype).mT @ old  # R = Q_newᵀ Q_old; exactly I where kept
+            eye = torch.eye(change.shape[-1], dtype=change.dtype, device=change.device)
+            change = torch.where(per_block(ok, 3), change, eye)
+            basis_changes[i] = change
+            if rotate:
+                changes[i] = change.square()
             elif permutation is not None:
                 index_shape = [second.shape[0]] + [1] * self.order
                 index_shape[i + 1] = self.block_shape[i]
@@ -165,6 +179,8 @@ class SOAPPreconditioner(Preconditioner):
             # divide rotated gradients by Adam's per-coordinate moments and can blow up.
             rotated = apply_along_dims(second, changes)
             commit_(second, rotated.clamp_(min=0), commit)
+        if momentum is not None:  # the first moment is a vector: it changes basis exactly
+            commit_(momentum, apply_along_dims(momentum, basis_changes), commit)
         return RefreshResult(block_failed, tuple(stats))
 
     def drift(self, state: dict[str, Tensor], ctx: Context) -> Tensor | None:
@@ -174,25 +190,123 @@ class SOAPPreconditioner(Preconditioner):
         drifts = [eigenbasis_drift(state[f"factor.{i}"], state[f"eigenvectors.{i}"]) for i in self.basis_dims]
         return torch.stack(drifts).amax(0)
 
-    def update_after_refresh(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
-        """Second moment of the rotated gradient; and, while the basis stays put, the filtered
-        gradient's buffer kept rotated too (rotation is linear, so it follows the same EMA) —
-        saving ``precondition`` the two matmuls of rotating its input every step."""
-        rotated = apply_along_dims(grad, self._bases(state), transpose=True)
-        ema_(state["corrected_eigenvalues"], rotated.square(), ctx.beta2, ctx.live)
-        if ctx.beta1 is None:
-            state.pop("rotated_momentum", None)  # the input no longer follows that EMA
-        elif "rotated_momentum" in state:
-            ema_(state["rotated_momentum"], rotated, ctx.beta1, ctx.live)
+    def _rotate_into(
+        self, x: Tensor, state: dict[str, Tensor], ctx: Context, out: Tensor, scratch: Tensor, *, back: bool
+    ) -> None:
+        """``out ← x`` expressed in (``back=False``) or taken out of (``back=True``) the
+        eigenbasis; ``scratch`` may equal ``x`` only when ``out`` does not. Transposed bases are
+        views made once per context."""
+        bases = self._bases(state)
+        left, right = bases.get(0), bases.get(1)
+        if x.ndim == 3 and left is not None and right is not None and left.dtype == x.dtype == right.dtype:
+            if back:
+                torch.matmul(left, x, out=scratch)
+                torch.matmul(scratch, ctx.view(("basisT", 1), lambda: right.mT), out=out)
+            else:
+                torch.matmul(ctx.view(("basisT", 0), lambda: left.mT), x, out=scratch)
+                torch.matmul(scratch, right, out=out)
+            return
+        out.copy_(apply_along_dims(x, bases, transpose=not back))
+
+    def update_after_refresh(
+        self, state: dict[str, Tensor], grad: Tensor, ctx: Context, scratch: Tensor | None = None
+    ) -> None:
+        scratch = torch.empty_like(grad) if scratch is None else scratch
+        self.update_after_refresh_many([(self, state, grad, ctx, scratch)])
+
+    @classmethod
+    def update_after_refresh_many(
+        cls, jobs: Sequence[tuple[Preconditioner, dict[str, Tensor], Tensor, Context, Tensor]]
+    ) -> None:
+        """Rotate each gradient into its eigenbasis (in place: ``grad`` is the optimizer's
+        buffer), then update the second moments and the rotated first moments there — one
+        foreach call per operation for all buckets. With β₃ ≠ β₁ the current step's filtered
+        value (``lerp(m, g, 1-β₃)``) is left in ``grad``."""
+        for kernel, state, grad, ctx, scratch in jobs:
+            assert isinstance(kernel, SOAPPreconditioner)
+            kernel._rotate_into(grad, state, ctx, grad, scratch, back=False)
+        decayed = [(s["corrected_eigenvalues"], c) for _, s, _, c, _ in jobs if c.ema2.beta != 1.0]
+        decay_([(v, c.ema2.shaped("keep", v.ndim)) for v, c in decayed])
+        seconds = [s["corrected_eigenvalues"] for _, s, _, _, _ in jobs]
+        grads = [g for _, _, g, _, _ in jobs]
+        if seconds:
+            weights = [1.0 if c.ema2.beta == 1.0 else 1.0 - c.ema2.beta for _, _, _, c, _ in jobs]
+            torch._foreach_addcmul_(seconds, grads, grads, weights)
+        plain = [
+            (s["rotated_momentum"], g, c)
+            for _, s, g, c, _ in jobs
+            if "rotated_momentum" in s and c.beta1 is not None
+        ]
+        if plain:
+            torch._foreach_lerp_(
+                [m for m, _, _ in plain],
+                [g for _, g, _ in plain],
+                [c.ema1.shaped("weight", g.ndim) for _, g, c in plain],
+            )
+        for _, state, grad, ctx, scratch in jobs:
+            momentum = state.get("rotated_momentum")
+            if momentum is None or ctx.beta1 is not None:
+                continue
+            weight = per_block(ctx.live, grad.ndim) * (1.0 - ctx.beta3)
+            torch.lerp(momentum, grad, as_dtype(weight, grad.dtype), out=scratch)
+            momentum.lerp_(grad, ctx.ema1.shaped("weight", grad.ndim))
+            grad.copy_(scratch)
+
+    def _current(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
+        momentum = state.get("rotated_momentum")
+        return grad if momentum is None or ctx.beta1 is None else momentum
+
+    def precondition_into(
+        self, state: dict[str, Tensor], grad: Tensor, ctx: Context, out: Tensor, scratch: Tensor
+    ) -> None:
+        self.precondition_many([(self, state, grad, ctx, out, scratch)])
+
+    @classmethod
+    def precondition_many(
+        cls, jobs: Sequence[tuple[Preconditioner, dict[str, Tensor], Tensor, Context, Tensor, Tensor]]
+    ) -> None:
+        """``Q (m̃ / (v̂^α + ε)) Qᵀ`` for each bucket's rotated first moment ``m̃`` (unnormalised by
+        β₁'s bias correction, which the optimizer applies); the elementwise part is one foreach
+        call per operation for all buckets. Clobbers ``grad`` (the rotated gradient)."""
+        kernels = [k for k, *_ in jobs]
+        assert all(isinstance(k, SOAPPreconditioner) for k in kernels)
+        scratches = [x for *_, x in jobs]
+        torch._foreach_copy_(scratches, [s["corrected_eigenvalues"] for _, s, *_ in jobs])
+        torch._foreach_div_(scratches, [c.ema2.shaped("correction", x.ndim) for _, _, _, c, _, x in jobs])
+        roots = [x for k, *_, x in jobs if k.exponent == 0.5]  # type: ignore[attr-defined]
+        if roots:
+            torch._foreach_sqrt_(roots)
+        for kernel, *_, scratch in jobs:  # stable_pow: the same value for an element wherever it sits
+            if kernel.exponent != 0.5:  # type: ignore[attr-defined]
+                scratch.copy_(stable_pow(scratch.clamp_min_(0.0), kernel.exponent))  # type: ignore[attr-defined]
+        torch._foreach_add_(scratches, [c.epsilon for _, _, _, c, _, _ in jobs])
+        torch._foreach_reciprocal_(scratches)
+        torch._foreach_mul_(scratches, [k._current(s, g, c) for k, s, g, c, _, _ in jobs])  # type: ignore[attr-defined]
+        for kernel, state, grad, ctx, out, scratch in jobs:
+            kernel._rotate_into(scratch, state, ctx, out, grad, back=True)  # type: ignore[attr-defined]
 
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
+        """The SOAP direction of a gradient ``grad`` given in the parameter's basis (a pure
+        function of the state; the optimizer's step uses ``precondition_many`` on the kept
+        rotated moment instead)."""
         bases = self._bases(state)
-        if "rotated_momentum" in state:
-            rotated = state["rotated_momentum"] / ctx.bias_correction1
-        else:
-            rotated = apply_along_dims(grad, bases, transpose=True)
-            if ctx.beta1 is not None:
-                state["rotated_momentum"] = rotated * ctx.bias_correction1
-        second = state["corrected_eigenvalues"] / ctx.bias_correction2
-        scaled = rotated / stable_pow(second, self.exponent).add_(ctx.epsilon)
+        rotated = apply_along_dims(grad, bases, transpose=True)
+        second = state["corrected_eigenvalues"] / per_block(ctx.bias_correction2, grad.ndim).to(grad.dtype)
+        scaled = rotated / stable_pow(second.clamp_min(0.0), self.exponent).add_(ctx.epsilon)
         return apply_along_dims(scaled, bases)
+
+    def adopt_legacy(self, entries: dict[str, Tensor]) -> None:
+        """Earlier versions kept the filtered gradient in the parameter's basis (and the rotated
+        copy only between refreshes): rotate it into the saved basis."""
+        moment = entries.get("moments.filtered_grad")
+        keys = [f"precond.eigenvectors.{i}" for i in self.basis_dims]
+        if "precond.rotated_momentum" in entries or moment is None or not all(k in entries for k in keys):
+            return
+        bases = {i: entries[f"precond.eigenvectors.{i}"][None] for i in self.basis_dims}
+        entries["precond.rotated_momentum"] = apply_along_dims(moment[None], bases, transpose=True)[0]
+
+    def first_moment_into(
+        self, state: dict[str, Tensor], grad: Tensor, ctx: Context, out: Tensor, scratch: Tensor
+    ) -> None:
+        """This step's unnormalised filtered gradient, rotated back into the parameter's basis."""
+        self._rotate_into(self._current(state, grad, ctx), state, ctx, out, scratch, back=True)

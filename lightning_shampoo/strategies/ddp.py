@@ -9,22 +9,37 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
 from torch.optim import Optimizer
 
-from ..distributed import consolidate_state_dict, shard_optimizer
+from ..distributed import consolidate_state_dict
 from ..optim import Shampoo
 
-__all__ = ["ShampooDDPStrategy"]
+__all__ = ["ShampooDDPStrategy", "consolidate_checkpoint", "unwrap"]
 
 
 def unwrap(optimizer: Any) -> Any:
-    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+    """The optimizer a ``LightningOptimizer`` wraps (the package's one place that unwraps)."""
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
 def shard_all(optimizers: Any, communication_dtype: torch.dtype) -> None:
     """Shard every not-yet-sharded ``Shampoo`` among a strategy's optimizers (default group)."""
     for optimizer in optimizers:
         optimizer = unwrap(optimizer)
-        if isinstance(optimizer, Shampoo) and optimizer._distributor is None:
-            shard_optimizer(optimizer, None, communication_dtype)
+        if isinstance(optimizer, Shampoo) and optimizer.distributor is None:
+            optimizer.shard(None, communication_dtype)
+
+
+def consolidate_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> None:
+    """For a Lightning checkpoint being saved under a strategy that stores rank 0's own
+    ``optimizer.state_dict()`` (plain DDP): replace each sharded ``Shampoo``'s entry by every
+    block's state. Collective: every rank calls it (``ShampooCallback.on_save_checkpoint`` does).
+    The Shampoo strategies consolidate themselves and are left alone."""
+    states = checkpoint.get("optimizer_states")
+    if states is None or getattr(trainer.strategy, "consolidates_shampoo_state", False):
+        return
+    for i, optimizer in enumerate(trainer.optimizers):
+        optimizer = unwrap(optimizer)
+        if isinstance(optimizer, Shampoo) and optimizer.sharded and i < len(states):
+            states[i] = consolidate_state_dict(optimizer)
 
 
 class ShampooDDPStrategy(DDPStrategy):

@@ -116,7 +116,7 @@ def load_sharded_shampoo_state(optimizer: Shampoo, path: Path, key: str) -> None
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    owned = {row for plan in optimizer.plans for row in plan.bucket.rows()}
+    owned = {row for bucket in optimizer.buckets for row in bucket.rows()}
     state_prefix, group_prefix = f"{key}.state.", f"{key}.param_groups."
     state: dict[int, dict[str, Any]] = {}
     groups: dict[int, dict[str, Any]] = {}

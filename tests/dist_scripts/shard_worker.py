@@ -19,12 +19,41 @@ from lightning_shampoo.distributed import consolidate_state_dict, gather_health
 STEPS, SHARD_AT = 6, 2
 
 
-def model() -> nn.Module:
+class Collision(nn.Module):
+    """Three merged small weights (``[4, 16]`` → one 64-long block) beside three 64-vectors: the
+    same block length, but the vectors skip preconditioning (``skip_preconditioning_rank_lt=2``)
+    — the model that once made rank 1 raise a layout mismatch while rank 0 hung."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.weights = nn.ParameterList([nn.Parameter(0.3 * torch.randn(4, 16)) for _ in range(3)])
+        self.scales = nn.ParameterList([nn.Parameter(1.0 + 0.1 * torch.randn(64)) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x, x, x, x], dim=1)  # [B, 64]
+        out = 0.0
+        for w, s in zip(self.weights, self.scales):
+            out = out + torch.tanh((h * s) @ w.reshape(64)[:, None].expand(64, 3))
+        return out
+
+
+def model(kind: str = "mlp") -> nn.Module:
+    if kind == "collision":
+        return Collision()
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def optimizer(module: nn.Module) -> ls.Shampoo:
+def optimizer(module: nn.Module, kind: str = "mlp") -> ls.Shampoo:
+    if kind == "collision":
+        return ls.Shampoo(
+            module.parameters(),
+            lr=0.02,
+            grafting_config=ls.AdamPreconditionerConfig(),
+            skip_preconditioning_rank_lt=2,
+            precondition_frequency=2,
+        )
     return ls.Shampoo(
         module.parameters(),
         lr=0.02,
@@ -38,9 +67,10 @@ def optimizer(module: nn.Module) -> ls.Shampoo:
     )
 
 
-def train(module: nn.Module, opt: ls.Shampoo, steps: range) -> None:
+def train(module: nn.Module, opt: ls.Shampoo, steps: range, kind: str = "mlp") -> None:
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)) for _ in range(STEPS)]
+    width = 16 if kind == "collision" else 6
+    batches = [(torch.randn(8, width, generator=g), torch.randn(8, 3, generator=g)) for _ in range(STEPS)]
     for step in steps:
         x, y = batches[step]
         opt.zero_grad()
@@ -48,23 +78,24 @@ def train(module: nn.Module, opt: ls.Shampoo, steps: range) -> None:
         opt.step()
 
 
-def single() -> dict[str, Any]:
-    module = model()
-    opt = optimizer(module)
-    train(module, opt, range(STEPS))
+def single(kind: str = "mlp") -> dict[str, Any]:
+    module = model(kind)
+    opt = optimizer(module, kind)
+    train(module, opt, range(STEPS), kind)
     return {"params": [p.detach().clone() for p in module.parameters()], "state": opt.state_dict()}
 
 
-def worker(rank: int, port: int, out: str) -> None:
+def worker(rank: int, port: int, out: str, kind: str = "mlp") -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        module = model()
-        opt = optimizer(module)
-        train(module, opt, range(SHARD_AT))  # some state exists already: sharding redistributes it
+        module = model(kind)
+        opt = optimizer(module, kind)
+        shard_at = 0 if kind == "collision" else SHARD_AT
+        train(module, opt, range(shard_at), kind)  # some state exists already: sharding redistributes it
         distributor = opt.shard()
         again = opt.shard()  # a second call returns the same distributor
-        train(module, opt, range(SHARD_AT, STEPS))
+        train(module, opt, range(shard_at, STEPS), kind)
         torch.save(
             {
                 "params": [p.detach().clone() for p in module.parameters()],

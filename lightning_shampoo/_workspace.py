@@ -1,0 +1,480 @@
+"""The step's workspace: declared state, persistent buffers and cached views for one rank's buckets.
+
+Built once from the plan (and rebuilt only when the plan, the devices or a param group's structure
+change), so that a plain step allocates nothing and creates almost no views:
+
+* **State**, declared up front by each bucket's kernels (``state_schema``) and by the optimizer
+  (``moments``: the filtered gradient and momentum; ``status``: per-block bookkeeping — step
+  count, refresh step, failure and non-finite counters, fallback mode, damping scale, refresh
+  counts, the spectrum of the last refresh). Per-block scalars of every bucket of a *lane* live
+  in one ``[N]`` tensor per name (each bucket's state entry is a view of its rows), so one
+  vector op updates them all.
+* **Lanes**: buckets that share a compute dtype and device. A lane owns a flat gradient buffer
+  ``grad`` and a flat direction buffer ``out`` (each bucket's ``[n, *block]`` tensors are views
+  of them), a ``scratch`` view per bucket (the gradient buffer once the gradient is consumed, or
+  rows of an extra buffer where the filtered gradient *is* the gradient), per-block vectors, and
+  the strided views that move a parameter's regions to and from bucket rows with one
+  ``torch._foreach_*`` call per lane.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .blocking import ParamLayout, Region
+from .plan import Bucket
+from .preconditioners import Context, Preconditioner
+from .preconditioners.base import Ema, StateSpec, outer_operands, per_block
+from .preconditioners.diagonal import DiagonalPreconditioner
+
+__all__ = ["SECTIONS", "Lane", "Slot", "Workspace", "bucket_schema", "compute_dtype", "param_view"]
+
+#: State sections of a bucket: the preconditioner's statistics, the grafting preconditioner's,
+#: the optimizer's moments (filtered gradient, momentum) and its per-block status.
+SECTIONS = ("precond", "graft", "moments", "status")
+#: Rows of the lane's EMA table: β₁ (the filtered gradient), the group's β₂ (Kronecker factors,
+#: SOAP's second moment), the β₂ of a diagonal main kernel and of the grafting kernel.
+_BETA1, _BETA2, _DIAGONAL, _GRAFT = range(4)
+_ROWS = 4
+
+
+def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Gradients are processed in at least float32 (bf16/fp16 parameters too)."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
+def _status_schema(kernel: Preconditioner, options: Mapping[str, Any]) -> dict[str, StateSpec]:
+    schema = {
+        "step": StateSpec((), torch.int64),  # steps this block took part in (bias corrections)
+        "refresh_step": StateSpec((), torch.int64, -1),
+        "failures": StateSpec((), torch.int32),
+        "nonfinite": StateSpec((), torch.int32),
+        "fallback": StateSpec((), torch.int8),
+        "epsilon_scale": StateSpec((), torch.float32, 1.0),
+        "refresh_request": StateSpec((), torch.bool, False),
+        "refresh_missed": StateSpec((), torch.bool, False),  # due while its gradient was missing
+        "refreshes": StateSpec((), torch.int32),
+        "refreshes_skipped": StateSpec((), torch.int32),
+    }
+    for i in kernel.factor_dims:
+        for name in ("condition_number", "min_eigenvalue", "max_eigenvalue"):
+            schema[f"{name}.{i}"] = StateSpec((), torch.float32, math.nan)
+    if options.get("refresh_tolerance") is not None:
+        schema["drift"] = StateSpec((), torch.float32, math.nan)
+    if options["momentum"] > 0.0:
+        schema["momentum_started"] = StateSpec((), torch.bool, False)  # torch SGD's first step
+    return schema
+
+
+def _moments_schema(
+    kernel: Preconditioner, block_shape: tuple[int, ...], dtype: torch.dtype, options: Mapping[str, Any]
+) -> dict[str, StateSpec]:
+    schema = {}
+    if options["betas"][0] > 0.0 and not kernel.keeps_first_moment:
+        schema["filtered_grad"] = StateSpec(block_shape, dtype)
+    if options["momentum"] > 0.0:
+        schema["momentum_buffer"] = StateSpec(block_shape, dtype)
+    return schema
+
+
+def bucket_schema(
+    bucket: Bucket, dtype: torch.dtype, options: Mapping[str, Any]
+) -> dict[str, dict[str, StateSpec]]:
+    """Every state tensor of a bucket, per section (``dtype``: its gradients' compute dtype)."""
+    return {
+        "precond": bucket.kernel.state_schema(dtype, options),
+        "graft": {} if bucket.graft is None else bucket.graft.state_schema(dtype, options),
+        "moments": _moments_schema(bucket.kernel, bucket.block_shape, dtype, options),
+        "status": _status_schema(bucket.kernel, options),
+    }
+
+
+@dataclass
+class RegionLink:
+    """One region of a parameter and the same blocks in the lane's buffers (same index space)."""
+
+    layout: ParamLayout
+    region: Region
+    grad_rows: Tensor  # rows of the lane's gradient buffer, [g₁, b₁, g₂, b₂, …]
+    out_rows: Tensor  # rows of the lane's direction buffer
+    row: int  # lane row of the region's first block
+
+
+@dataclass
+class Slot:
+    """One bucket in a lane: its state, its context and its views of the lane's buffers."""
+
+    bucket: Bucket
+    state: dict[str, dict[str, Tensor]]
+    ctx: Context
+    graft_ctx: Context  # the same, with the grafting kernel's EMA as ``diagonal``
+    start: int  # lane row of the bucket's first block
+    grad: Tensor  # [n, *block] views
+    out: Tensor
+    scratch: Tensor
+    links: list[RegionLink]
+
+    @property
+    def n(self) -> int:
+        return self.bucket.size
+
+    @property
+    def kernel(self) -> Preconditioner:
+        return self.bucket.kernel
+
+    @property
+    def moment(self) -> Tensor:
+        """The β₁-filtered gradient buffer (unnormalised), or the gradient itself for β₁ = 0."""
+        return self.state["moments"].get("filtered_grad", self.grad)
+
+    def rows(self, vector: Tensor) -> Tensor:
+        return vector[self.start : self.start + self.n]
+
+
+def _blocks(x: Tensor) -> list[Tensor]:
+    """Per-block views (``x[i]``) of a bucket tensor."""
+    return list(x.unbind(0))
+
+
+@dataclass
+class Lane:
+    """Buckets of one compute dtype and device; see the module docstring."""
+
+    dtype: torch.dtype
+    device: torch.device
+    slots: list[Slot]
+    grad: Tensor  # flat buffers
+    out: Tensor
+    extra: Tensor | None  # scratch rows for buckets whose filtered gradient is the gradient
+    status: dict[str, Tensor]  # [N] per status name (each bucket's entries are views)
+    vectors: dict[str, Tensor]  # [N] per-step values (norms, masks, scales)
+    table: dict[str, Tensor]  # [3, N] EMA rows: betas, logs, keep, weight, correction
+    grad_blocks: list[Tensor]
+    out_blocks: list[Tensor]
+    cache: dict[Any, Any] = field(default_factory=dict)  # per-step lists keyed by host flags
+
+    def __post_init__(self) -> None:
+        self.one = torch.ones((), dtype=self.dtype, device=self.device)
+        self.zero = torch.zeros((), dtype=self.dtype, device=self.device)
+
+    @property
+    def size(self) -> int:
+        return sum(s.n for s in self.slots)
+
+
+class Workspace:
+    """State allocation and the lanes of one rank's buckets (see the module docstring)."""
+
+    def __init__(
+        self,
+        buckets: Sequence[Bucket],
+        state: dict[str, dict[str, dict[str, Tensor]]],
+        params: Sequence[Tensor],
+        groups: Sequence[Mapping[str, Any]],
+    ) -> None:
+        self.signature = signature(groups)
+        by_lane: dict[tuple[torch.dtype, torch.device], list[Bucket]] = {}
+        for bucket in buckets:
+            first = params[bucket.members[0].param.index]
+            key = (compute_dtype(first.dtype), _local(first).device)
+            by_lane.setdefault(key, []).append(bucket)
+        self.lanes = [
+            _build_lane(dtype, device, members, state, groups) for (dtype, device), members in by_lane.items()
+        ]
+        self._anchors = [(lane, params[lane.slots[0].links[0].layout.index]) for lane in self.lanes]
+
+    def valid_for(self, state: Mapping[str, Any], groups: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether the cached views still point at the optimizer's state tensors, the parameters'
+        devices and the groups' structure (host-side identity checks, no device work)."""
+        if signature(groups) != self.signature:
+            return False
+        for lane in self.lanes:
+            for slot in lane.slots:
+                current = state.get(slot.bucket.key)
+                if current is not slot.state or current["status"]["step"] is not slot.ctx.block_step:
+                    return False
+        return all(_local(p).device == lane.device for lane, p in self._anchors)
+
+
+def signature(groups: Sequence[Mapping[str, Any]]) -> tuple[Any, ...]:
+    """The group options the workspace's structure depends on (host values, compared each step)."""
+    keys = (
+        "betas",
+        "beta3",
+        "momentum",
+        "dampening",
+        "use_nesterov",
+        "weight_decay",
+        "use_decoupled_weight_decay",
+        "use_bias_correction",
+        "refresh_tolerance",
+        "epsilon",
+    )
+    return tuple(tuple(g.get(k) for k in keys) for g in groups)
+
+
+def _local(p: Tensor) -> Tensor:
+    """A parameter's local tensor (an FSDP2 ``DTensor``'s shard) for its dtype and device."""
+    to_local = getattr(p, "to_local", None)
+    return to_local() if callable(to_local) else p
+
+
+def allocate_state(
+    bucket: Bucket,
+    dtype: torch.dtype,
+    device: torch.device,
+    options: Mapping[str, Any],
+    existing: dict | None,
+) -> dict[str, dict[str, Tensor]]:
+    """The bucket's declared state: existing tensors are kept (moved to ``device`` if needed),
+    missing ones allocated with their initial values."""
+    existing = existing or {}
+    out: dict[str, dict[str, Tensor]] = {}
+    for section, specs in bucket_schema(bucket, dtype, options).items():
+        have = existing.get(section, {})
+        out[section] = {}
+        for name, spec in specs.items():
+            tensor = have.get(name)
+            if tensor is None:
+                tensor = spec.allocate(bucket.size, device)
+            elif tensor.device != device:
+                tensor = tensor.to(device)
+            out[section][name] = tensor
+        for name, tensor in have.items():  # entries of a schema no longer in force are kept
+            out[section].setdefault(name, tensor)
+    return out
+
+
+def _ema(table: dict[str, Tensor], row: int, beta: float, rows: slice) -> Ema:
+    return Ema(
+        beta=beta,
+        keep=table["keep"][row, rows],
+        weight=table["weight"][row, rows],
+        correction=table["correction"][row, rows],
+        root=table["root"][row, rows],
+    )
+
+
+def _diagonal_row(kernel: Preconditioner | None, corrected: bool) -> tuple[float, float, float]:
+    beta = kernel.beta2 if isinstance(kernel, DiagonalPreconditioner) else 1.0
+    if isinstance(kernel, DiagonalPreconditioner) and kernel.bias_corrected(corrected) and beta < 1.0:
+        return (beta, 0.0, 0.0)
+    return (beta, -math.inf, 0.0)
+
+
+def _bias_rows(bucket: Bucket, options: Mapping[str, Any]) -> list[tuple[float, float, float]]:
+    """Per EMA row: ``(β, log c, shift)`` such that the correction is ``1 − c·βᵗ⁻ˢʰⁱᶠᵗ``; a
+    row without bias correction gets ``c = 0`` (``log c = −inf``) and so correction 1."""
+    beta1, beta2 = options["betas"]
+    beta3 = beta1 if options["beta3"] < 0 else options["beta3"]
+    corrected = options["use_bias_correction"]
+    row1 = (beta1, -math.inf, 0.0)
+    if corrected and 0.0 < beta1 < 1.0 and beta3 > 0.0:
+        row1 = (beta1, math.log(beta3), 1.0)  # 1 − β₃·β₁ᵗ⁻¹
+    row2 = (beta2, 0.0, 0.0) if corrected and beta2 < 1.0 else (beta2, -math.inf, 0.0)
+    return [row1, row2, _diagonal_row(bucket.kernel, corrected), _diagonal_row(bucket.graft, corrected)]
+
+
+def _needs_scratch(bucket: Bucket, options: Mapping[str, Any]) -> bool:
+    """Whether the bucket needs scratch rows of its own: the gradient buffer is busy for the
+    whole step when it *is* the filtered gradient (β₁ = 0, or β₃ ≠ β₁ leaves the current value
+    there) or when the kernel keeps its first moment itself (SOAP rotates the gradient in place)."""
+    beta1 = options["betas"][0]
+    beta3 = beta1 if options["beta3"] < 0 else options["beta3"]
+    return bucket.kernel.keeps_first_moment or beta1 == 0.0 or beta3 != beta1
+
+
+def _build_lane(
+    dtype: torch.dtype,
+    device: torch.device,
+    buckets: list[Bucket],
+    state: dict[str, dict[str, dict[str, Tensor]]],
+    groups: Sequence[Mapping[str, Any]],
+) -> Lane:
+    sizes = [b.size for b in buckets]
+    total_rows, total_numel = sum(sizes), sum(b.numel for b in buckets)
+    grad = torch.zeros(max(total_numel, 1), dtype=dtype, device=device)
+    out = torch.zeros_like(grad)
+    needs_extra = [b for b in buckets if _needs_scratch(b, groups[b.group])]
+    extra = (
+        torch.zeros(max(sum(b.numel for b in needs_extra), 1), dtype=dtype, device=device)
+        if needs_extra
+        else None
+    )
+    # Per-bucket state, with per-block scalars gathered into one lane tensor per status name.
+    states = {b.key: allocate_state(b, dtype, device, groups[b.group], state.get(b.key)) for b in buckets}
+    names: dict[str, Tensor] = {}
+    for b in buckets:
+        for name, tensor in states[b.key]["status"].items():
+            names.setdefault(name, tensor)
+    status: dict[str, Tensor] = {}
+    for name, example in names.items():
+        lane_tensor = torch.zeros(total_rows, dtype=example.dtype, device=device)
+        row = 0
+        for b in buckets:
+            part = lane_tensor[row : row + b.size]
+            own = states[b.key]["status"].get(name)
+            if own is not None:
+                part.copy_(own)
+                states[b.key]["status"][name] = part
+            row += b.size
+        status[name] = lane_tensor
+    for b in buckets:
+        state[b.key] = states[b.key]
+    vectors = {
+        name: torch.zeros(total_rows, dtype=dtype, device=device)
+        for name in (
+            "gnorm",
+            "dnorm",
+            "anorm",
+            "alive_f",
+            "ok_f",
+            "ratio",
+            "scale",
+            "bcscale",
+            "decay",
+            "aux",
+        )
+    }
+    for name in ("present", "alive", "ok", "flag"):
+        vectors[name] = torch.zeros(total_rows, dtype=torch.bool, device=device)
+    table = _ema_table(buckets, groups, total_rows, dtype, device)
+    slots: list[Slot] = []
+    row = numel = extra_numel = 0
+    for b in buckets:
+        options = groups[b.group]
+        shape = (b.size, *b.block_shape)
+        g = grad[numel : numel + b.numel].view(shape)
+        o = out[numel : numel + b.numel].view(shape)
+        if b in needs_extra:
+            assert extra is not None
+            scratch = extra[extra_numel : extra_numel + b.numel].view(shape)
+            extra_numel += b.numel
+        else:
+            scratch = g
+        rows = slice(row, row + b.size)
+        beta1, beta2 = options["betas"]
+        beta3 = beta1 if options["beta3"] < 0 else options["beta3"]
+        st = states[b.key]
+        ctx = Context(
+            step=0,
+            beta2=beta2,
+            epsilon=options["epsilon"],
+            use_bias_correction=options["use_bias_correction"],
+            live=vectors["alive_f"][rows],
+            block_step=st["status"]["step"],
+            ema2=_ema(table, _BETA2, beta2, rows),
+            ema1=_ema(table, _BETA1, beta1, rows),
+            diagonal=_ema(table, _DIAGONAL, getattr(b.kernel, "beta2", 1.0), rows),
+            epsilon_scale=st["status"]["epsilon_scale"],
+            beta1=beta1 if beta3 == beta1 else None,
+            beta3=beta3,
+            grad_buffer=g,
+            grad_operands=_view_operands(g, len(b.block_shape)),
+        )
+        links = []
+        for m in b.members:
+            base = numel + m.offset * math.prod(b.block_shape)
+            links.append(
+                RegionLink(
+                    m.param, m.region, _rows(m.region, grad, base), _rows(m.region, out, base), row + m.offset
+                )
+            )
+        graft_ctx = replace(ctx, diagonal=_ema(table, _GRAFT, getattr(b.graft, "beta2", 1.0), rows))
+        slots.append(Slot(b, st, ctx, graft_ctx, row, g, o, scratch, links))
+        row += b.size
+        numel += b.numel
+    return Lane(
+        dtype=dtype,
+        device=device,
+        slots=slots,
+        grad=grad,
+        out=out,
+        extra=extra,
+        status=status,
+        vectors=vectors,
+        table=table,
+        grad_blocks=[blk for s in slots for blk in _blocks(s.grad)],
+        out_blocks=[blk for s in slots for blk in _blocks(s.out)],
+    )
+
+
+def _view_operands(grad: Tensor, order: int) -> dict[int, tuple[Tensor, Tensor]]:
+    """The outer-product operands of each dim that are *views* of the gradient buffer (a
+    reshape that had to copy would go stale), to be made once instead of every step."""
+    out = {}
+    storage = grad.untyped_storage().data_ptr()
+    for i in range(order):
+        left, right = outer_operands(grad, i)
+        if left.untyped_storage().data_ptr() == storage and right.untyped_storage().data_ptr() == storage:
+            out[i] = (left, right)
+    return out
+
+
+def _ema_table(
+    buckets: Sequence[Bucket],
+    groups: Sequence[Mapping[str, Any]],
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """Constants and per-step rows of the lane's EMAs (see ``_stages.ema_table``)."""
+    rows: list[list[tuple[float, float, float]]] = []
+    for b in buckets:
+        rows += [_bias_rows(b, groups[b.group])] * b.size
+    column = [[r[k] for r in rows] for k in range(_ROWS)]
+    beta = torch.tensor([[c[0] for c in col] for col in column], dtype=torch.float64, device=device).reshape(
+        _ROWS, n
+    )
+    log_c = torch.tensor([[c[1] for c in col] for col in column], dtype=torch.float64, device=device).reshape(
+        _ROWS, n
+    )
+    shift = torch.tensor([[c[2] for c in col] for col in column], dtype=torch.float64, device=device).reshape(
+        _ROWS, n
+    )
+    log_beta = torch.where(torch.isinf(log_c), 0.0, torch.log(beta.clamp_min(1e-300)))
+    correction = torch.ones(_ROWS, n, dtype=dtype, device=device)
+    return {
+        "beta": beta.to(dtype),
+        "one_minus_beta": (1.0 - beta).to(dtype),
+        "log_beta": log_beta,
+        # log(c·β^-shift); 1 − c·βᵗ⁻ˢ is computed as −expm1(t·log β + offset)
+        "offset": torch.where(torch.isinf(log_c), log_c, log_c - shift * log_beta),
+        "t": torch.zeros(n, dtype=torch.float64, device=device),
+        "power": torch.zeros(_ROWS, n, dtype=torch.float64, device=device),
+        "correction": correction,
+        "correction1": correction[_BETA1],
+        "keep": torch.ones(_ROWS, n, dtype=dtype, device=device),
+        "weight": torch.zeros(_ROWS, n, dtype=dtype, device=device),
+        "root": torch.ones(_ROWS, n, dtype=dtype, device=device),
+        "inverse1": torch.ones(n, dtype=dtype, device=device),
+    }
+
+
+def _rows(region: Region, flat: Tensor, base: int) -> Tensor:
+    """``region.rows_view`` of ``flat`` with the region's first block at element ``base``."""
+    return region.rows_view(flat[base:], 0)
+
+
+def shaped(vector: Tensor, slot: Slot, ndim: int) -> Tensor:
+    """A lane vector's rows of ``slot`` as ``[n, 1, …]``."""
+    return per_block(slot.rows(vector), ndim)
+
+
+def param_view(lane: Lane, link: RegionLink, params: Sequence[Tensor], persistent: bool) -> Tensor:
+    """The region of its parameter ``link`` addresses, as ``[g₁, b₁, g₂, b₂, …]``; cached for the
+    optimizer's own parameters (FSDP's gathered full values change every step)."""
+    p = params[link.layout.index]
+    if not persistent:
+        return link.region.split_view(link.layout.processed(p))
+    key = ("param", id(link))
+    view = lane.cache.get(key)
+    if view is None:
+        view = lane.cache[key] = link.region.split_view(link.layout.processed(p))
+    return view
