@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +38,22 @@ def _profile(optimizer: torch.optim.Optimizer, steps: int, device: torch.device)
     return prof
 
 
+def plain_steps_only(optimizer: torch.optim.Optimizer) -> None:
+    """No more refreshes: every later step is a plain step."""
+    for group in optimizer.param_groups:
+        group["precondition_frequency"] = 10**9
+
+
+def step_stats(events: EventList, steps: int) -> tuple[float, float, float]:
+    """Host ms, device ms and kernel launches per step from a ``_profile`` run's ``key_averages()``
+    (host: the ``Optimizer.step`` annotation; device: the kernels' own time)."""
+    host = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step")) / steps / 1e3
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    device = sum(e.self_device_time_total for e in kernels) / steps / 1e3
+    launches = sum(e.count for e in events if e.key in LAUNCHES)
+    return host, device, launches / steps
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -55,16 +72,11 @@ def main() -> None:
     for name, make in makers.items():
         optimizer = make(params, 1)
         optimizer.step()  # state, first refresh
-        for group in optimizer.param_groups:
-            group["precondition_frequency"] = 10**9
+        plain_steps_only(optimizer)
         optimizer.step()
         prof = _profile(optimizer, args.steps, device)
         events = prof.key_averages()
-        host = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step")) / args.steps / 1e3
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-        gpu = sum(e.self_device_time_total for e in kernels) / args.steps / 1e3
-        launches = sum(e.count for e in events if e.key in LAUNCHES)
-        rows.append((name, host, gpu, launches / args.steps))
+        rows.append((name, *step_stats(events, args.steps)))
         tables[name] = events.table(sort_by="self_cpu_time_total", row_limit=args.top)
         del optimizer
     print(f"\n## Plain optimizer step on {device}: {sum(p.numel() for p in params) / 1e6:.1f}M params\n")
