@@ -25,7 +25,7 @@ from torch import Tensor
 from . import _checkpoint
 from ._moments import filter_description, filtered_gradient, momentum_
 from ._refresh import due_blocks, refresh_bucket
-from ._validation import validate_group
+from ._validation import check_grad, validate_group, validate_params
 from .blocking import (
     Bucket,
     ParamLayout,
@@ -154,6 +154,7 @@ class Shampoo(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- set-up
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = validate_params(param_group, self.defaults, self._params, self._names)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -299,7 +300,7 @@ class Shampoo(torch.optim.Optimizer):
         a gathered full tensor for a sharded one)."""
         if self._distributor is not None:
             return self._distributor.grad(index)
-        return self._params[index].grad
+        return check_grad(self._names[index], self._params[index].grad)
 
     def _param(self, index: int) -> Tensor:
         if self._distributor is not None:
