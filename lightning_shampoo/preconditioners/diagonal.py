@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import require_float
 from .base import Context, Preconditioner, PreconditionerConfig, ema_
 
 __all__ = [
@@ -36,8 +37,7 @@ class AdaGradPreconditionerConfig(PreconditionerConfig):
     epsilon: float = 1e-10
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0.0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        require_float("epsilon", self.epsilon, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,8 +49,7 @@ class RMSpropPreconditionerConfig(AdaGradPreconditionerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.beta2 <= 1.0:
-            raise ValueError(f"beta2 must be in (0, 1], got {self.beta2}")
+        require_float("beta2", self.beta2, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
