@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ._state_checks import check_loaded_groups
+
 if TYPE_CHECKING:
     from .optim import Shampoo
 
@@ -61,6 +63,7 @@ def _block_ids(entry: dict[str, Any]) -> set[int]:
 
 def load_state_dict(optimizer: Shampoo, state_dict: dict[str, Any]) -> None:
     """Check everything first, then write: a rejected checkpoint leaves the optimizer untouched."""
+    check_loaded_groups(state_dict["param_groups"], optimizer.param_groups)
     groups = state_dict["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(

@@ -31,13 +31,18 @@ from ._checks import describe, require_bool, require_float, require_int, require
 from .preconditioners import GRAFTING_CONFIGS, PreconditionerConfig, PSGDKronPreconditionerConfig
 
 __all__ = [
+    "CONSTRUCTOR_ONLY",
     "GROUP_CHECKS",
     "check_grad",
     "check_group_values",
     "check_lr",
+    "validate_constructor_options",
     "validate_group",
     "validate_params",
 ]
+
+#: ``Shampoo`` arguments that configure the optimizer as a whole, not a param group.
+CONSTRUCTOR_ONLY = ("use_bucketing", "max_bucket_numel")
 
 #: Keys that schedulers and Lightning write into param groups (never near-misses, whatever they
 #: resemble: ``max_momentum`` is OneCycleLR's, not a misspelt ``momentum``).
@@ -125,6 +130,12 @@ def check_group_values(group: Mapping[str, Any], where: str = "") -> None:
             check(f"{where}{key}", group[key])
 
 
+def validate_constructor_options(use_bucketing: Any, max_bucket_numel: Any) -> None:
+    """The :data:`CONSTRUCTOR_ONLY` arguments of ``Shampoo``."""
+    require_bool("use_bucketing", use_bucketing)
+    require_int("max_bucket_numel", max_bucket_numel, low=1, allow_none=True)
+
+
 def _pseudo_inverse(config: Any) -> bool:
     return bool(getattr(getattr(config, "amortized_computation_config", None), "pseudo_inverse", False))
 
@@ -176,6 +187,10 @@ def _check_keys(group: Mapping[str, Any], known: Sequence[str]) -> None:
             raise ValueError(f"param group keys must be str, got {describe(key)}")
         if key in names or key in METADATA_KEYS:
             continue
+        if key in CONSTRUCTOR_ONLY:
+            raise ValueError(
+                f"{key} is an argument of Shampoo(...) for the whole optimizer, not a param-group option"
+            )
         if key in FOREIGN_KEYS:
             ours = FOREIGN_KEYS[key]
             hint = f"Shampoo calls it {ours!r}" if ours else "Shampoo has no such option"

@@ -9,10 +9,18 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
 from torch.optim import Optimizer
 
+from .._checks import require_choice
 from ..distributed import consolidate_state_dict, shard_optimizer
 from ..optim import Shampoo
 
-__all__ = ["ShampooDDPStrategy"]
+__all__ = ["COMMUNICATION_DTYPES", "ShampooDDPStrategy"]
+
+#: Dtypes the update all-gather may use (``shard_optimizer`` accepts the same).
+COMMUNICATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_communication_dtype(value: Any) -> torch.dtype:
+    return require_choice("communication_dtype", value, COMMUNICATION_DTYPES)
 
 
 def unwrap(optimizer: Any) -> Any:
@@ -43,6 +51,7 @@ class ShampooDDPStrategy(DDPStrategy):
     consolidates_shampoo_state = True
 
     def __init__(self, *args: Any, communication_dtype: torch.dtype = torch.float32, **kwargs: Any) -> None:
+        check_communication_dtype(communication_dtype)
         super().__init__(*args, **kwargs)
         self.communication_dtype = communication_dtype
 
