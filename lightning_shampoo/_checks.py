@@ -36,9 +36,13 @@ __all__ = [
 MAX_EPSILON_SCALE = 1e30
 
 
-def describe(value: Any) -> str:
-    """``type value`` for error messages: ``str '1e-3'``, ``float nan``, ``NoneType None``."""
-    return f"{type(value).__name__} {value!r}"
+def describe(value: Any, limit: int = 80) -> str:
+    """``type value`` for error messages: ``str '1e-3'``, ``float nan``, ``NoneType None`` (the
+    value's repr cut at ``limit`` characters: a tensor's can be long)."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(value).__name__} {text}"
 
 
 def _is_number(value: Any) -> bool:

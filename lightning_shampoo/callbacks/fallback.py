@@ -106,8 +106,8 @@ class SGDFallback(pl.Callback):
         if max_retries * math.log10(epsilon_multiplier) > math.log10(MAX_EPSILON_SCALE):
             raise ValueError(
                 f"epsilon_multiplier ** max_retries = {epsilon_multiplier:g}^{max_retries} exceeds the "
-                f"damping cap {MAX_EPSILON_SCALE:g} (lightning_shampoo._checks.MAX_EPSILON_SCALE): lower "
-                "epsilon_multiplier or max_retries"
+                f"damping cap {MAX_EPSILON_SCALE:g} (MAX_EPSILON_SCALE: the damped factor must stay within "
+                "float32's range); lower epsilon_multiplier or max_retries"
             )
         require_int("check_every_n_steps", check_every_n_steps, low=1)
         require_str("prefix", prefix)
