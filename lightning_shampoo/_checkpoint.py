@@ -13,15 +13,26 @@ declared initial value (the step count from the group's).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._state_checks import check_loaded_groups, nonfinite_entries
+from ._workspace import bucket_schema, compute_dtype
 from .plan import Bucket
 
-__all__ = ["LAYOUT_KEYS", "check_groups", "load_rows", "saved_groups", "state_rows"]
+__all__ = [
+    "LAYOUT_KEYS",
+    "check_groups",
+    "check_loadable",
+    "load_into",
+    "load_rows",
+    "saved_groups",
+    "state_rows",
+]
 
 _NOT_SAVED = {"params", "param_names", "preconditioner_config", "grafting_config"}
 #: Group options that decide the blocks: they cannot change on load.
@@ -117,11 +128,12 @@ def load_rows(
     group_steps: Sequence[int],
     *,
     partial: bool,
-) -> list[tuple[Tensor, int, Tensor]]:
+) -> list[tuple[Tensor, int, Tensor, tuple[int, int], str]]:
     """Check a checkpoint's block rows against the declared state (shapes, presence, the block
     set of every parameter) and return the ``(tensor, row, value)`` copies to make. ``partial``:
-    this optimizer holds only some blocks (sharded), so saved blocks it lacks are fine."""
-    copies: list[tuple[Tensor, int, Tensor]] = []
+    this optimizer holds only some blocks (sharded), so saved blocks it lacks are fine. Each copy
+    also names its block ``(param index, block index)`` and section."""
+    copies: list[tuple[Tensor, int, Tensor, tuple[int, int], str]] = []
     blocks: dict[int, set[int]] = {}
     for bucket in buckets:
         sections = state[bucket.key]
@@ -151,7 +163,7 @@ def load_rows(
                             f"{tuple(tensor.shape[1:])} (was max_preconditioner_dim or the preconditioner "
                             "config changed?)"
                         )
-                    copies.append((tensor, row, value))
+                    copies.append((tensor, row, value, (pidx, bidx), section))
     for pidx, current in blocks.items():
         entry = saved_state.get(saved_id[pidx])
         saved_blocks = {int(k.split(".", 1)[0][len("block_") :]) for k in entry} if entry else current
@@ -162,3 +174,83 @@ def load_rows(
                 f"this optimizer has {sorted(current)} (was max_preconditioner_dim changed?)"
             )
     return copies
+
+
+def check_loadable(
+    state_dict: Mapping[str, Any], param_groups: Sequence[Mapping[str, Any]]
+) -> dict[int, Any]:
+    """The checks that need no allocated state (hyperparameters, groups, layout keys); returns
+    ``param index → saved key``."""
+    check_loaded_groups(state_dict["param_groups"], param_groups)
+    return check_groups(state_dict["param_groups"], param_groups)
+
+
+def load_into(
+    state_dict: Mapping[str, Any],
+    saved_id: Mapping[int, Any],
+    buckets: Sequence[Bucket],
+    state: Mapping[str, Any],
+    names: Sequence[str],
+    param_groups: list[dict[str, Any]],
+    params: Sequence[Tensor],
+    *,
+    partial: bool,
+) -> None:
+    """Load a checkpoint (``check_loadable`` passed) into allocated state: check its rows before
+    writing anything; then copy the rows, reset the blocks whose saved statistics are not
+    finite (a warning names each), and take the saved group values."""
+    groups = state_dict["param_groups"]
+    steps = [int(g.get("step", 0)) for g in groups]
+    copies = load_rows(state_dict["state"], saved_id, buckets, state, names, steps, partial=partial)
+    broken = _broken_blocks(state_dict, saved_id, buckets, names)
+    for current, saved in zip(param_groups, groups):
+        for key, value in saved.items():
+            if key != "params":
+                current[key] = tuple(value) if key == "betas" else value
+    for tensor, row, value, block, section in copies:
+        if block not in broken or section == "status":
+            tensor[row].copy_(value)
+    for bucket in buckets:
+        rows = [row for row, key in enumerate(bucket.rows()) if key in broken]
+        if rows:
+            _reset_rows(bucket, state[bucket.key], rows, params, param_groups[bucket.group])
+
+
+def _broken_blocks(
+    state_dict: Mapping[str, Any],
+    saved_id: Mapping[int, Any],
+    buckets: Sequence[Bucket],
+    names: Sequence[str],
+) -> set[tuple[int, int]]:
+    """Blocks this optimizer holds whose saved statistics hold a non-finite value (warned about)."""
+    current = {saved: index for index, saved in saved_id.items()}
+    held = {key for bucket in buckets for key in bucket.rows()}
+    broken: set[tuple[int, int]] = set()
+    for saved, block, key in nonfinite_entries(state_dict):
+        index = current.get(saved)
+        if index is None or (index, block) not in held:
+            continue
+        broken.add((index, block))
+        warnings.warn(
+            f"the state_dict's {key} of parameter {names[index]!r} block {block} is not finite: "
+            "that block's statistics start afresh",
+            stacklevel=4,
+        )
+    return broken
+
+
+def _reset_rows(
+    bucket: Bucket,
+    sections: Mapping[str, dict[str, Tensor]],
+    rows: list[int],
+    params: Sequence[Tensor],
+    options: Mapping[str, Any],
+) -> None:
+    """Put rows' statistics and moments back to their declared initial values."""
+    dtype = compute_dtype(params[bucket.members[0].param.index].dtype)
+    schema = bucket_schema(bucket, dtype, options)
+    device = sections["status"]["step"].device
+    for section in ("precond", "graft", "moments"):
+        for name, spec in schema[section].items():
+            target = sections[section][name]
+            target[rows] = spec.allocate(len(rows), device).to(target.dtype)

@@ -475,6 +475,8 @@ def learning_rate(lane: Lane, steps: Sequence[GroupStep]) -> None:
         torch._foreach_mul_(outs, [-float(r) for r in rates])
         return
     for slot, rate in zip(lane.slots, rates):
+        if isinstance(rate, Tensor):  # a non-finite or negative tensor lr skips the update (no sync)
+            rate = torch.where(torch.isfinite(rate) & (rate >= 0), rate, 0.0)
         slot.out.mul_(rate).neg_()
 
 

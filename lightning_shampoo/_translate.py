@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ._validation import CONSTRUCTOR_ONLY
 from .optim import Shampoo
 from .preconditioners import (
     AdaGradPreconditionerConfig,
@@ -116,8 +117,9 @@ def translate_optimizer(
 
     ``options``: Shampoo group keys applied to every group (preconditioner_config,
     precondition_frequency, start_preconditioning_step, max_preconditioner_dim, epsilon, …) and
-    ``use_bucketing``; ``factor_beta``: ``betas[1]`` (``None``: the source's second-moment β where it
-    has one — Adam's β₂, RMSprop's α — else ``default_factor_beta``). ``names``:
+    the constructor's ``use_bucketing`` / ``max_bucket_numel``; ``factor_beta``: ``betas[1]``
+    (``None``: the source's second-moment β where it has one — Adam's β₂, RMSprop's α — else
+    ``default_factor_beta``). ``names``:
     ``id(param) -> name``, so that health records carry names.
     """
     kind = type(optimizer)
@@ -132,7 +134,7 @@ def translate_optimizer(
             f"{kind.__name__} already holds state; the Shampoo that replaces it starts fresh", stacklevel=2
         )
     options = dict(options)
-    constructor = {k: options.pop(k) for k in ("use_bucketing",) if k in options}
+    constructor = {k: options.pop(k) for k in CONSTRUCTOR_ONLY if k in options}
     names = names or {}
     groups = []
     counter = 0

@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import require_choice, require_float, require_int, require_pair
+from ._validation import CONSTRUCTOR_ONLY, validate_constructor_options
 from .optim import Shampoo
 from .preconditioners import (
     AdamPreconditionerConfig,
@@ -72,7 +74,7 @@ SHAMPOO_BETAS = (0.9, 0.95)
 
 #: Shampoo param-group keys (everything ``Shampoo.__init__`` takes except ``params`` and the
 #: constructor-only switches).
-_CONSTRUCTOR_ONLY = ("use_bucketing",)
+_CONSTRUCTOR_ONLY = CONSTRUCTOR_ONLY
 GROUP_KEYS = tuple(
     name
     for name in inspect.signature(Shampoo.__init__).parameters
@@ -209,12 +211,10 @@ def _matcher(pattern: str) -> Callable[[str], bool]:
 
 
 def _check_pair(name: str, value: Any) -> tuple[float, float]:
-    if not (isinstance(value, tuple | list) and len(value) == 2):
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
-    b1, b2 = float(value[0]), float(value[1])
-    if not (0.0 <= b1 < 1.0 and 0.0 < b2 <= 1.0):
-        raise ValueError(f"{name} must satisfy 0 <= beta1 < 1 and 0 < beta2 <= 1, got {value!r}")
-    return b1, b2
+    b1, b2 = require_pair(name, value, lambda n, v: require_float(n, v), ("beta1", "beta2"))
+    require_float(f"{name}[0]", b1, low=0.0, high=1.0, high_open=True)
+    require_float(f"{name}[1]", b2, low=0.0, high=1.0, low_open=True)
+    return float(b1), float(b2)
 
 
 class _Layout:
@@ -228,9 +228,7 @@ class _Layout:
             b1 = self.betas[0] if preset.tie_beta1 else preset.adam_betas[0]
             adam = (b1, preset.adam_betas[1])
         self.adam_betas = _check_pair("adam_betas", adam)
-        eps = args["adam_epsilon"]
-        if isinstance(eps, bool) or not (isinstance(eps, int | float) and eps > 0):
-            raise ValueError(f"adam_epsilon must be > 0, got {eps!r}")
+        eps = require_float("adam_epsilon", args["adam_epsilon"], low=0.0, low_open=True)
         self.adam = AdamPreconditionerConfig(beta2=self.adam_betas[1], epsilon=float(eps))
         self.args, self.kwargs = args, kwargs
         frequency = args.get("precondition_frequency")
@@ -299,19 +297,23 @@ def _lr_scheduler(
                 "(set max_steps or max_epochs)"
             )
         total_steps = int(estimated)
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    require_int("total_steps", total_steps, low=1)
     if isinstance(warmup_steps, float):
-        if not 0.0 <= warmup_steps < 1.0:
-            raise ValueError(f"warmup_steps as a float is a fraction in [0, 1), got {warmup_steps!r}")
         warmup_steps = round(warmup_steps * total_steps)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0 or a fraction, got {warmup_steps!r}")
-    if not (isinstance(min_lr_ratio, int | float) and 0.0 <= min_lr_ratio <= 1.0):
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
     multiplier = SCHEDULES[schedule](total_steps, min(warmup_steps, total_steps), float(min_lr_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     return {"scheduler": scheduler, "interval": "step", "frequency": 1}
+
+
+def _check_schedule_arguments(schedule: Any, warmup_steps: Any, total_steps: Any, min_lr_ratio: Any) -> None:
+    """Checked whether or not a schedule is asked for: a bad value is a mistake either way."""
+    require_choice("schedule", schedule, (*SCHEDULES, None))
+    if isinstance(warmup_steps, float):
+        require_float("warmup_steps", warmup_steps, low=0.0, high=1.0, high_open=True)
+    else:
+        require_int("warmup_steps", warmup_steps, low=0)
+    require_int("total_steps", total_steps, low=1, allow_none=True)
+    require_float("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0)
 
 
 def configure_shampoo(
@@ -366,11 +368,12 @@ def configure_shampoo(
             raise ValueError(f"{key} is not an argument of configure_shampoo; use preconditioner=...")
         if key not in GROUP_KEYS and key not in _CONSTRUCTOR_ONLY:
             raise ValueError(f"unknown argument {key!r} (not a configure_shampoo or Shampoo argument)")
+    _check_schedule_arguments(schedule, warmup_steps, total_steps, min_lr_ratio)
+    require_float("epsilon", epsilon, low=0.0, allow_none=True)
     if schedule is None and warmup_steps:
         schedule = "constant"
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {[*SCHEDULES, None]}, got {schedule!r}")
     constructor = {k: shampoo_kwargs.pop(k) for k in _CONSTRUCTOR_ONLY if k in shampoo_kwargs}
+    validate_constructor_options(**{"use_bucketing": True, "max_bucket_numel": 2**21, **constructor})
     args = {
         "betas": betas,
         "adam_betas": adam_betas,

@@ -14,6 +14,7 @@ amortized. Argument names, defaults and semantics follow Meta's Distributed Sham
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -23,8 +24,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _checkpoint, _stages
+from ._checks import clamp_epsilon_scale
 from ._refresh import refresh_lane
-from ._validation import validate_group
+from ._validation import check_grad, validate_constructor_options, validate_group, validate_params
 from ._workspace import Lane, Workspace, param_view
 from .blocking import layout_param
 from .health import FALLBACK_CODES, BlockHealth, collect_health, factor_spectra
@@ -91,8 +93,7 @@ class Shampoo(torch.optim.Optimizer):
         skip_preconditioning_rank_lt: int = 0,
         target_parameter_dimensionality: int | float = 1,
     ) -> None:
-        if max_bucket_numel is not None and max_bucket_numel < 1:
-            raise ValueError(f"max_bucket_numel must be None or >= 1, got {max_bucket_numel}")
+        validate_constructor_options(use_bucketing, max_bucket_numel)
         self._params: list[Tensor] = []
         self._names: list[str] = []
         self._groups: list[GroupBlocks] = []
@@ -107,6 +108,7 @@ class Shampoo(torch.optim.Optimizer):
         self._requests: set[str] = set()
         self._missed: set[str] = set()
         self.refresh_seconds: dict[int, float] = {}  # wall time of each group's last refresh
+        self.skipped_updates: dict[int, int] = {}  # steps whose lr was not a finite number >= 0
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, tuple | list) else betas,
@@ -134,6 +136,7 @@ class Shampoo(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- set-up
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = validate_params(param_group, self.defaults, self._params, self._names)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -265,12 +268,13 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        steps = [self._group_step(group) for group in self.param_groups]
+        steps = [self._group_step(g, group) for g, group in enumerate(self.param_groups)]
         if self._distributor is not None:
             grads = self._distributor.gradients()
             params = self._distributor.parameters()
         else:
-            grads, params = [p.grad for p in self._params], self._params
+            grads = [check_grad(name, p.grad) for name, p in zip(self._names, self._params)]
+            params = self._params
         ws = self._ensure_workspace()
         seconds = dict.fromkeys(range(len(steps)), 0.0)
         with _full_precision_matmul():
@@ -284,11 +288,22 @@ class Shampoo(torch.optim.Optimizer):
             self._distributor.finish(ws.lanes, device)
         return loss
 
-    def _group_step(self, group: dict[str, Any]) -> _stages.GroupStep:
+    def _group_step(self, g: int, group: dict[str, Any]) -> _stages.GroupStep:
         step = group["step"] = int(group.get("step", 0)) + 1
+        lr = group["lr"]
+        if not isinstance(lr, Tensor) and not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
+            # Written into param_groups after construction (a scheduler, a user): this group's
+            # parameters are not updated this step; counted, and said once.
+            self.skipped_updates[g] = self.skipped_updates.get(g, 0) + 1
+            if self.skipped_updates[g] == 1:
+                warnings.warn(
+                    f"param group {g}: lr={lr!r} is not a finite number >= 0; its update is skipped",
+                    stacklevel=3,
+                )
+            lr = 0.0
         return _stages.GroupStep(
             step=step,
-            lr=group["lr"],
+            lr=lr,
             grafting_only=step < group["start_preconditioning_step"],
             weight_decay=group["weight_decay"],
             decoupled=group["use_decoupled_weight_decay"],
@@ -362,7 +377,7 @@ class Shampoo(torch.optim.Optimizer):
             status = self.state[key]["status"]  # type: ignore[index]
             status["refresh_request"][rows] = True
             if epsilon_scale is not None:
-                status["epsilon_scale"][rows] = float(epsilon_scale)
+                status["epsilon_scale"][rows] = clamp_epsilon_scale(epsilon_scale)
             self._requests.add(key)
 
     def _sync_host_flags(self) -> None:
@@ -424,25 +439,20 @@ class Shampoo(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check everything first, then write: a rejected checkpoint leaves the optimizer untouched."""
-        groups = state_dict["param_groups"]
-        saved_id = _checkpoint.check_groups(groups, self.param_groups)
+        """Check everything first, then write: a rejected checkpoint leaves the optimizer untouched.
+        A block whose saved statistics are not finite starts them afresh (with a warning)."""
+        saved_id = _checkpoint.check_loadable(state_dict, self.param_groups)
         self._ensure_workspace()
-        copies = _checkpoint.load_rows(
-            state_dict["state"],
+        _checkpoint.load_into(
+            state_dict,
             saved_id,
             self.buckets,
             self.state,  # type: ignore[arg-type]
             self._names,
-            [int(g.get("step", 0)) for g in groups],
+            self.param_groups,
+            self._params,
             partial=self.sharded,
         )
-        for current, saved in zip(self.param_groups, groups):
-            for key, value in saved.items():
-                if key != "params":
-                    current[key] = tuple(value) if key == "betas" else value
-        for tensor, row, value in copies:
-            tensor[row].copy_(value)
         self._workspace = None  # group values may have changed the workspace's constants
         self._sync_host_flags()
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from ._checks import require_float, require_int
+
 __all__ = [
     "AdaptiveFrequency",
     "ConstantFrequency",
@@ -38,9 +40,7 @@ FrequencyScheduleSpec: TypeAlias = int | str | Sequence[tuple[int, int]] | Calla
 
 
 def _check_frequency(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return require_int(name, value, low=1)
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,14 @@ class MilestoneFrequency:
     milestones: tuple[tuple[int, int], ...]
 
     def __init__(self, milestones: Sequence[tuple[int, int]]) -> None:
+        if not isinstance(milestones, Sequence) or isinstance(milestones, str):
+            raise ValueError(f"milestones must be a sequence of (step, frequency) pairs, got {milestones!r}")
         points = []
         for i, point in enumerate(milestones):
             if not (isinstance(point, tuple | list) and len(point) == 2):
                 raise ValueError(f"milestones[{i}] must be a (step, frequency) pair, got {point!r}")
             step, frequency = point
-            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                raise ValueError(f"milestones[{i}]: step must be an int >= 0, got {step!r}")
+            require_int(f"milestones[{i}] step", step, low=0)
             points.append((step, _check_frequency(f"milestones[{i}] frequency", frequency)))
         if not points:
             raise ValueError("milestones must not be empty")
@@ -135,10 +136,7 @@ class AdaptiveFrequency:
 
     def __post_init__(self) -> None:
         _check_frequency("check_every", self.check_every)
-        if isinstance(self.tolerance, bool) or not (
-            isinstance(self.tolerance, int | float) and self.tolerance >= 0
-        ):
-            raise ValueError(f"tolerance must be a number >= 0, got {self.tolerance!r}")
+        require_float("tolerance", self.tolerance, low=0.0, allow_inf=True)
 
     def __call__(self, step: int) -> int:
         return self.check_every
@@ -179,16 +177,9 @@ class _Warmup:
     min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.total_steps, bool)
-            or not isinstance(self.total_steps, int)
-            or self.total_steps < 1
-        ):
-            raise ValueError(f"total_steps must be an int >= 1, got {self.total_steps!r}")
-        if not (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.total_steps):
-            raise ValueError(f"warmup_steps must be an int in [0, total_steps], got {self.warmup_steps!r}")
-        if not 0.0 <= self.min_ratio <= 1.0:
-            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio!r}")
+        require_int("total_steps", self.total_steps, low=1)
+        require_int("warmup_steps", self.warmup_steps, low=0, high=self.total_steps)
+        require_float("min_ratio", self.min_ratio, low=0.0, high=1.0)
 
     def __call__(self, step: int) -> float:
         """Multiplier of the base LR for scheduler step ``step`` (0 for the first optimizer step)."""

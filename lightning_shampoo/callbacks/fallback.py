@@ -28,6 +28,14 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 
+from .._checks import (
+    MAX_EPSILON_SCALE,
+    clamp_epsilon_scale,
+    require_choice,
+    require_float,
+    require_int,
+    require_str,
+)
 from ..health import BlockHealth
 from ..optim import Shampoo
 from ._health_table import gather_trainer_health, is_logging_step, local_block_keys, shampoo_optimizers
@@ -74,6 +82,8 @@ class SGDFallback(pl.Callback):
         retry_after: steps between a switch (or failed retry) and the next retry.
         epsilon_multiplier: factor applied to the block's damping at each retry.
         max_retries: failed retries after which the block stays in fallback.
+            ``epsilon_multiplier ** max_retries`` may not exceed ``MAX_EPSILON_SCALE`` (1e30, the
+            cap on a block's damping multiplier, which compounding retries reach by themselves).
         check_every_n_steps: how often health is read (it synchronises with the device).
         prefix: metric namespace of the counters.
     """
@@ -88,18 +98,19 @@ class SGDFallback(pl.Callback):
         check_every_n_steps: int = 10,
         prefix: str = "shampoo",
     ) -> None:
-        if target not in ("sgd", "grafting"):
-            raise ValueError(f'target must be "sgd" or "grafting", got {target!r}')
-        if max_condition_number is not None and not max_condition_number > 1.0:
-            raise ValueError(f"max_condition_number must be > 1 or None, got {max_condition_number}")
-        if retry_after < 1:
-            raise ValueError(f"retry_after must be >= 1, got {retry_after}")
-        if not (epsilon_multiplier >= 1.0 and math.isfinite(epsilon_multiplier)):
-            raise ValueError(f"epsilon_multiplier must be a finite number >= 1, got {epsilon_multiplier}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        if check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        require_choice("target", target, ("sgd", "grafting"))
+        require_float("max_condition_number", max_condition_number, low=1.0, low_open=True, allow_none=True)
+        require_int("retry_after", retry_after, low=1)
+        require_float("epsilon_multiplier", epsilon_multiplier, low=1.0)
+        require_int("max_retries", max_retries, low=0)
+        if max_retries * math.log10(epsilon_multiplier) > math.log10(MAX_EPSILON_SCALE):
+            raise ValueError(
+                f"epsilon_multiplier ** max_retries = {epsilon_multiplier:g}^{max_retries} exceeds the "
+                f"damping cap {MAX_EPSILON_SCALE:g} (MAX_EPSILON_SCALE: the damped factor must stay within "
+                "float32's range); lower epsilon_multiplier or max_retries"
+            )
+        require_int("check_every_n_steps", check_every_n_steps, low=1)
+        require_str("prefix", prefix)
         self.target = target
         self.max_condition_number = max_condition_number
         self.retry_after = retry_after
@@ -220,7 +231,7 @@ class SGDFallback(pl.Callback):
                 continue  # no refresh since the request yet: keep waiting
             if step >= record.next_retry_step:
                 record.retries += 1
-                record.epsilon_scale = h.epsilon_scale * self.epsilon_multiplier
+                record.epsilon_scale = clamp_epsilon_scale(h.epsilon_scale * self.epsilon_multiplier)
                 record.pending = True
                 record.baseline_refresh_step = h.last_refresh_step
                 record.baseline_failures = h.failure_count

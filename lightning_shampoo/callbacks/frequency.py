@@ -13,13 +13,13 @@ only on refresh steps, which synchronise anyway.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from .._checks import describe, require_bool, require_int, require_str
 from ..optim import Shampoo
 from ..schedules import AdaptiveFrequency, FrequencySchedule, FrequencyScheduleSpec, make_frequency_schedule
 
@@ -58,12 +58,13 @@ class PreconditionFrequencyScheduler(pl.Callback):
     ) -> None:
         self.schedule: FrequencySchedule = make_frequency_schedule(schedule)
         start = start_preconditioning_step
-        if start is not None and not (
-            (isinstance(start, int) and not isinstance(start, bool) and start >= 1) or start == math.inf
+        require_int("start_preconditioning_step", start, low=1, allow_inf=True, allow_none=True)
+        require_bool("log_metrics", log_metrics)
+        require_str("prefix", prefix)
+        if only is not None and not (
+            isinstance(only, Sequence) and all(isinstance(o, Shampoo) for o in only)
         ):
-            raise ValueError(
-                f"start_preconditioning_step must be an int >= 1, math.inf or None, got {start!r}"
-            )
+            raise ValueError(f"only must be None or a sequence of Shampoo optimizers, got {describe(only)}")
         self.start_preconditioning_step = start
         self.log_metrics = log_metrics
         self.prefix = prefix

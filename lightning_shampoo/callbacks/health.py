@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 
+from .._checks import describe, require_bool, require_int, require_str
 from ..health import BlockHealth, summarize
 from ..optim import Shampoo
 from ._health_table import HealthSnapshot, gather_trainer_health, shampoo_optimizers
@@ -171,12 +172,17 @@ class PreconditionerHealthMonitor(pl.Callback):
         prefix: str = "shampoo",
         prog_bar: bool = False,
     ) -> None:
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1 or None, got {log_every_n_steps}")
-        if not (top_k is None or top_k == "all" or (isinstance(top_k, int) and top_k >= 0)):
-            raise ValueError(f'top_k must be an int >= 0, "all" or None, got {top_k!r}')
-        if histogram_every_n_steps is not None and histogram_every_n_steps < 1:
-            raise ValueError(f"histogram_every_n_steps must be >= 1, got {histogram_every_n_steps}")
+        require_int("log_every_n_steps", log_every_n_steps, low=1, allow_none=True)
+        if not (top_k is None or top_k == "all" or (isinstance(top_k, int) and not isinstance(top_k, bool))):
+            raise ValueError(f'top_k must be an int >= 0, "all" or None, got {describe(top_k)}')
+        if isinstance(top_k, int):
+            require_int("top_k", top_k, low=0)
+        require_bool("histograms", histograms)
+        require_int("histogram_every_n_steps", histogram_every_n_steps, low=1, allow_none=True)
+        require_bool("print_table", print_table)
+        require_int("table_rows", table_rows, low=1)
+        require_str("prefix", prefix)
+        require_bool("prog_bar", prog_bar)
         self._requested_every = log_every_n_steps
         self.log_every_n_steps = log_every_n_steps or 50
         self.top_k = top_k

@@ -21,7 +21,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from .._checks import require_float
 from .._translate import translate_optimizer, translate_output
+from .._validation import validate_constructor_options
 from ..configure import _CONSTRUCTOR_ONLY, GROUP_KEYS, Preset, configure_shampoo, resolve_preset
 from ..optim import Shampoo
 from ..preconditioners import (
@@ -117,8 +119,7 @@ class ShampooCallback(pl.Callback):
                 raise ValueError(f"{key} comes from the wrapped optimizer; set it there")
             if (key not in GROUP_KEYS and key not in _CONSTRUCTOR_ONLY) or key == "preconditioner_config":
                 raise ValueError(f"unknown argument {key!r} (not a ShampooCallback or Shampoo argument)")
-        if beta2 is not None and not (isinstance(beta2, int | float) and 0.0 < beta2 <= 1.0):
-            raise ValueError(f"beta2 must be in (0, 1], got {beta2!r}")
+        require_float("beta2", beta2, low=0.0, high=1.0, low_open=True, allow_none=True)
         self.preconditioner = preconditioner
         self.beta2 = beta2
 
@@ -154,6 +155,7 @@ class ShampooCallback(pl.Callback):
         probe = torch.zeros(2, 2, requires_grad=True)
         options = dict(self.options)
         constructor = {k: options.pop(k) for k in _CONSTRUCTOR_ONLY if k in options}
+        validate_constructor_options(**{"use_bucketing": True, "max_bucket_numel": 2**21, **constructor})
         graft = AdamPreconditionerConfig()  # the translation always grafts (from the source)
         Shampoo([{"params": [probe], "grafting_config": graft, **options}], **constructor)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .._checks import require_bool, require_float, require_int
 from ..linalg import OrthogonalIterationResult, orthogonal_iteration, safe_eigh
 
 __all__ = [
@@ -26,8 +27,10 @@ class _SpectralOptions:
     rank_rtol: float | None = None
 
     def __post_init__(self) -> None:
-        if self.rank_rtol is not None and not 0.0 < self.rank_rtol < 1.0:
-            raise ValueError(f"rank_rtol must be in (0, 1), got {self.rank_rtol}")
+        require_bool("pseudo_inverse", self.pseudo_inverse)
+        require_float(
+            "rank_rtol", self.rank_rtol, low=0.0, high=1.0, low_open=True, high_open=True, allow_none=True
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +38,10 @@ class EigenConfig(_SpectralOptions):
     """Inverse root from ``torch.linalg.eigh`` with the fallback ladder (float64 retry, jitter)."""
 
     retry_double_precision: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_bool("retry_double_precision", self.retry_double_precision)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,10 +52,8 @@ class CoupledNewtonConfig:
     tolerance: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.max_iterations < 1:
-            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
-        if not self.tolerance > 0.0:
-            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        require_int("max_iterations", self.max_iterations, low=1)
+        require_float("tolerance", self.tolerance, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +61,10 @@ class EighEigendecompositionConfig(_SpectralOptions):
     """Eigenvectors and eigenvalues from ``torch.linalg.eigh`` with the fallback ladder."""
 
     retry_double_precision: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_bool("retry_double_precision", self.retry_double_precision)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,8 +78,8 @@ class QREigendecompositionConfig(_SpectralOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.power_iter_steps < 1:
-            raise ValueError(f"power_iter_steps must be >= 1, got {self.power_iter_steps}")
+        require_int("power_iter_steps", self.power_iter_steps, low=1)
+        require_bool("sort_eigenvectors", self.sort_eigenvectors)
 
 
 EigendecompositionConfig = EighEigendecompositionConfig | QREigendecompositionConfig

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
+from .._checks import describe, require_callable, require_choice, require_float, require_int
 from ..linalg import NEWTON_SCHULZ_COEFFICIENTS, newton_schulz, svd_orthogonalize
 from .base import Context, Preconditioner, PreconditionerConfig, per_block
 
@@ -33,6 +34,9 @@ class SignDescentPreconditionerConfig(PreconditionerConfig):
 
     scale_fn: Callable[[Tensor], float | Tensor] | None = None
 
+    def __post_init__(self) -> None:
+        require_callable("scale_fn", self.scale_fn, allow_none=True)
+
 
 @dataclass(frozen=True, kw_only=True)
 class NewtonSchulzOrthogonalizationConfig:
@@ -40,8 +44,12 @@ class NewtonSchulzOrthogonalizationConfig:
     coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS
 
     def __post_init__(self) -> None:
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        require_int("num_iterations", self.num_iterations, low=1)
+        c = self.coefficients
+        if not (isinstance(c, tuple | list) and len(c) == 3):
+            raise ValueError(f"coefficients must be three numbers (a, b, c), got {describe(c)}")
+        for i, value in enumerate(c):
+            require_float(f"coefficients[{i}]", value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,8 +71,14 @@ class SpectralDescentPreconditionerConfig(PreconditionerConfig):
     scale: Literal["none", "shape", "rms"] = "shape"
 
     def __post_init__(self) -> None:
-        if self.scale not in ("none", "shape", "rms"):
-            raise ValueError(f"scale must be 'none', 'shape' or 'rms', got {self.scale!r}")
+        orthogonalization = self.orthogonalization_config
+        allowed = NewtonSchulzOrthogonalizationConfig | SVDOrthogonalizationConfig
+        if not isinstance(orthogonalization, allowed):
+            raise ValueError(
+                "orthogonalization_config must be NewtonSchulzOrthogonalizationConfig or "
+                f"SVDOrthogonalizationConfig, got {describe(orthogonalization)}"
+            )
+        require_choice("scale", self.scale, ("none", "shape", "rms"))
 
 
 class SignDescentPreconditioner(Preconditioner):

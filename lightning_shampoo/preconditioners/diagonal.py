@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import require_float
 from .base import Context, Preconditioner, PreconditionerConfig, StateSpec, decay_
 
 __all__ = [
@@ -43,8 +44,7 @@ class AdaGradPreconditionerConfig(PreconditionerConfig):
     epsilon: float = 1e-10
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0.0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        require_float("epsilon", self.epsilon, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +56,7 @@ class RMSpropPreconditionerConfig(AdaGradPreconditionerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.beta2 <= 1.0:
-            raise ValueError(f"beta2 must be in (0, 1], got {self.beta2}")
+        require_float("beta2", self.beta2, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)

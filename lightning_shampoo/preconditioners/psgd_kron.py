@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import describe, require_bool, require_choice, require_float, require_int
 from ..linalg import SpectrumStats, stable_pow
 from ..linalg.psgd import (
     balance_factors,
@@ -33,6 +34,7 @@ from ..linalg.psgd import (
     update_quad,
 )
 from .base import Context, Preconditioner, PreconditionerConfig, StateSpec, commit_, outer_products, per_block
+from .psgd_schedule import PSGDUpdateProbabilitySchedule
 
 __all__ = [
     "PSGDKronPreconditioner",
@@ -44,41 +46,6 @@ MODES = ("Q0.5EQ1.5", "EQ", "QUAD")
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 _STORAGE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 _UNIT = 1 << 32  # update credit is counted in exact integer units of 2⁻³² (no float drift)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PSGDUpdateProbabilitySchedule:
-    """``max_probability`` for ``flat_steps`` steps, then ``exp(-decay·(t - flat_steps))`` clamped
-    to ``[min_probability, max_probability]``: fit often while ``P`` is far off, rarely later."""
-
-    max_probability: float = 1.0
-    min_probability: float = 0.03
-    decay: float = 0.001
-    flat_steps: int = 200
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_probability <= self.max_probability <= 1.0:
-            raise ValueError(
-                "min_probability and max_probability must satisfy 0 <= min_probability <= "
-                f"max_probability <= 1, got {self.min_probability} and {self.max_probability}"
-            )
-        if not self.decay >= 0.0:
-            raise ValueError(f"decay must be >= 0, got {self.decay}")
-        if not (isinstance(self.flat_steps, int) and self.flat_steps >= 0):
-            raise ValueError(f"flat_steps must be an int >= 0, got {self.flat_steps!r}")
-
-    def __call__(self, step: int) -> float:
-        p = self.max_probability * math.exp(-self.decay * max(0, step - self.flat_steps))
-        return min(self.max_probability, max(self.min_probability, p))
-
-
-def _positive(name: str, value: object, *, allow_none: bool = False, allow_inf: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-    if not ok or (value == math.inf and not allow_inf):
-        expected = ("None or " if allow_none else "") + ("a number" if allow_inf else "a finite number")
-        raise ValueError(f"{name} must be {expected} > 0, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,40 +101,28 @@ class PSGDKronPreconditionerConfig(PreconditionerConfig):
     health_interval: int = 10
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
-        _positive("preconditioner_lr", self.preconditioner_lr)
-        if self.preconditioner_lr > 1.0:
-            raise ValueError(f"preconditioner_lr must be in (0, 1], got {self.preconditioner_lr}")
-        if not (isinstance(self.lipschitz_beta, int | float) and 0.0 <= self.lipschitz_beta < 1.0):
-            raise ValueError(f"lipschitz_beta must be in [0, 1), got {self.lipschitz_beta!r}")
-        _positive("damping", self.damping)
-        for name in ("whiten_grad", "cache_preconditioner"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        require_choice("mode", self.mode, MODES)
+        require_float("preconditioner_lr", self.preconditioner_lr, low=0.0, high=1.0, low_open=True)
+        require_float("lipschitz_beta", self.lipschitz_beta, low=0.0, high=1.0, high_open=True)
+        require_float("damping", self.damping, low=0.0, low_open=True)
+        require_bool("whiten_grad", self.whiten_grad)
+        require_bool("cache_preconditioner", self.cache_preconditioner)
         p = self.preconditioner_update_probability
-        if not callable(p) and not (
-            isinstance(p, int | float) and not isinstance(p, bool) and 0.0 <= p <= 1.0
-        ):
-            raise ValueError(f"preconditioner_update_probability must be in [0, 1] or a callable, got {p!r}")
-        _positive("init_scale", self.init_scale, allow_none=True)
-        _positive("max_size_triangular", self.max_size_triangular, allow_inf=True)
-        if not (isinstance(self.max_skew, int | float) and self.max_skew >= 0.0):
-            raise ValueError(f"max_skew must be >= 0 (math.inf: never), got {self.max_skew!r}")
-        if not (isinstance(self.min_ndim_triangular, int) and self.min_ndim_triangular >= 1):
-            raise ValueError(f"min_ndim_triangular must be an int >= 1, got {self.min_ndim_triangular!r}")
-        if self.memory_save_mode not in MEMORY_SAVE_MODES:
-            raise ValueError(
-                f"memory_save_mode must be one of {list(MEMORY_SAVE_MODES)}, got {self.memory_save_mode!r}"
-            )
-        if self.preconditioner_dtype is not None and self.preconditioner_dtype not in _STORAGE_DTYPES:
-            raise ValueError(
-                f"preconditioner_dtype must be None or one of {[str(d) for d in _STORAGE_DTYPES]}, "
-                f"got {self.preconditioner_dtype}"
-            )
-        _positive("max_update_rms", self.max_update_rms, allow_none=True)
-        if not (isinstance(self.health_interval, int) and self.health_interval >= 1):
-            raise ValueError(f"health_interval must be an int >= 1, got {self.health_interval!r}")
+        if not callable(p):
+            name = "preconditioner_update_probability"
+            if isinstance(p, int | float) and not isinstance(p, bool):
+                require_float(name, p, low=0.0, high=1.0)
+            else:
+                raise ValueError(f"{name} must be a number in [0, 1] or a callable, got {describe(p)}")
+        require_float("init_scale", self.init_scale, low=0.0, low_open=True, allow_none=True)
+        require_int("max_size_triangular", self.max_size_triangular, low=1, allow_inf=True)
+        require_float("max_skew", self.max_skew, low=0.0, allow_inf=True)
+        require_int("min_ndim_triangular", self.min_ndim_triangular, low=1)
+        require_choice("memory_save_mode", self.memory_save_mode, MEMORY_SAVE_MODES)
+        if self.preconditioner_dtype is not None:
+            require_choice("preconditioner_dtype", self.preconditioner_dtype, _STORAGE_DTYPES)
+        require_float("max_update_rms", self.max_update_rms, low=0.0, low_open=True, allow_none=True)
+        require_int("health_interval", self.health_interval, low=1)
 
 
 def _credit(probability: float) -> int:
@@ -236,17 +191,26 @@ class PSGDKronPreconditioner(Preconditioner):
     # ------------------------------------------------------------------------------ schedule
 
     def _credit_at(self, step: int) -> int:
-        """``C(step) = C(0) + Σ_{s≤step} round(p(s)·2³²)``, memoised forwards (O(1) per step)."""
+        """``C(step) = C(0) + Σ_{s≤step} round(p(s)·2³²)``: O(1) per step forwards (memoised),
+        and in closed form for a jump (a resume) with the built-in schedule; an arbitrary
+        callable is replayed from the start on a backward jump."""
         p = self.cfg.preconditioner_update_probability
         if not callable(p):
             return _UNIT - 1 + step * _credit(p)
         s, c = self._cached
-        if step < s:  # e.g. after loading an earlier checkpoint: recount from the start
-            s, c = 0, _UNIT - 1
-        while s < step:
-            s += 1
-            c += _credit(float(p(s)))
-        self._cached = (s, c)
+        if step == s:
+            return c
+        if step == s + 1:
+            c += _credit(float(p(step)))
+        elif type(p) is PSGDUpdateProbabilitySchedule:  # a subclass may change __call__
+            c = _UNIT - 1 + p.credit(step, _UNIT)
+        else:
+            if step < s:  # e.g. after loading an earlier checkpoint: recount from the start
+                s, c = 0, _UNIT - 1
+            while s < step:
+                s += 1
+                c += _credit(float(p(s)))
+        self._cached = (step, c)
         return c
 
     def update_due(self, step: int) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import describe, require_bool, require_float, require_int
 from ..linalg import (
     SpectrumStats,
     coupled_newton_inverse_root,
@@ -65,15 +66,25 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_exponent_override(override: Mapping) -> None:
+def is_dim(value: Any, order: int) -> bool:
+    """Whether ``value`` is a dim of an ``order``-D block (0-D blocks have dim 0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < max(order, 1)
+
+
+def check_exponent_override(override: Any, *, per_dim: bool = True, positive: bool = False) -> None:
+    """``inverse_exponent_override``: a mapping ``{order: α}`` (``per_dim``: or ``{order: {dim: α}}``)
+    with int orders >= 0, dims of that order and finite exponents (>= 0, or > 0 if ``positive``)."""
+    name = "inverse_exponent_override"
+    if not isinstance(override, Mapping):
+        raise ValueError(f"{name} must be a mapping {{order: exponent}}, got {describe(override)}")
     for order, value in override.items():
-        if not isinstance(order, int) or order < 0:
-            raise ValueError(f"inverse_exponent_override keys must be tensor orders >= 0, got {order!r}")
-        values = value.values() if isinstance(value, Mapping) else [value]
-        if isinstance(value, Mapping) and any(not 0 <= d < max(order, 1) for d in value):
-            raise ValueError(f"inverse_exponent_override[{order}] names a dim outside [0, {max(order, 1)})")
-        if any(float(v) < 0 for v in values):
-            raise ValueError(f"inverse_exponent_override[{order}] must be >= 0, got {value!r}")
+        require_int(f"{name} keys (tensor orders)", order, low=0)
+        values = value.items() if per_dim and isinstance(value, Mapping) else [(None, value)]
+        for dim, exponent in values:
+            where = f"{name}[{order}]" + ("" if dim is None else f"[{dim!r}]")
+            if dim is not None and not is_dim(dim, order):
+                raise ValueError(f"{name}[{order}] names a dim outside [0, {max(order, 1)}): {dim!r}")
+            require_float(where, exponent, low=0.0, low_open=positive)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +96,7 @@ class _ShampooFamilyConfig(PreconditionerConfig):
     factor_matrix_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
-        _check_exponent_override(self.inverse_exponent_override)
+        check_exponent_override(self.inverse_exponent_override)
         check_dtype("factor_matrix_dtype", self.factor_matrix_dtype, _FLOAT_DTYPES)
 
 
@@ -136,6 +147,10 @@ class KLShampooPreconditionerConfig(EigendecomposedShampooPreconditionerConfig):
     factor's eigenvalues every step in its last eigenbasis (cheap, diagonal) between refreshes."""
 
     eigenvalue_correction: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_bool("eigenvalue_correction", self.eigenvalue_correction)
 
 
 class ShampooPreconditioner(Preconditioner):

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import describe, require_bool, require_int
 from ..linalg import spectrum_stats, stable_pow
 from .amortized import (
     EigendecompositionConfig,
@@ -45,6 +46,7 @@ from .base import (
     eigenbasis_drift,
     per_block,
 )
+from .shampoo import check_exponent_override, is_dim
 
 __all__ = ["EigenvalueCorrectedShampooPreconditionerConfig", "SOAPPreconditioner"]
 
@@ -83,15 +85,25 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
                 "amortized_computation_config must be EighEigendecompositionConfig or "
                 f"QREigendecompositionConfig, got {type(self.amortized_computation_config).__name__}"
             )
-        for order, dims in self.ignored_basis_change_dims.items():
-            if order < 0 or any(not 0 <= d < max(order, 1) for d in dims) or len(set(dims)) != len(dims):
+        ignored = self.ignored_basis_change_dims
+        if not isinstance(ignored, Mapping):
+            raise ValueError(
+                f"ignored_basis_change_dims must be a mapping {{order: [dims]}}, got {describe(ignored)}"
+            )
+        for order, dims in ignored.items():
+            require_int("ignored_basis_change_dims keys (tensor orders)", order, low=0)
+            if not (
+                isinstance(dims, Sequence)
+                and not isinstance(dims, str)
+                and all(is_dim(d, order) for d in dims)
+                and len(set(dims)) == len(dims)
+            ):
                 raise ValueError(
-                    f"ignored_basis_change_dims[{order}]={list(dims)} is not a set of distinct dims "
+                    f"ignored_basis_change_dims[{order}]={dims!r} is not a set of distinct dims "
                     f"of an order-{order} block"
                 )
-        for order, alpha in self.inverse_exponent_override.items():
-            if order < 0 or not alpha > 0:
-                raise ValueError(f"inverse_exponent_override[{order}] must be > 0, got {alpha}")
+        check_exponent_override(self.inverse_exponent_override, per_dim=False, positive=True)
+        require_bool("rotate_corrected_eigenvalues", self.rotate_corrected_eigenvalues)
 
 
 class SOAPPreconditioner(Preconditioner):

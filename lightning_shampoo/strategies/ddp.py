@@ -9,10 +9,15 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
 from torch.optim import Optimizer
 
-from ..distributed import consolidate_state_dict
+from .._checks import require_choice
+from ..distributed import COMMUNICATION_DTYPES, consolidate_state_dict
 from ..optim import Shampoo
 
-__all__ = ["ShampooDDPStrategy", "consolidate_checkpoint", "unwrap"]
+__all__ = ["COMMUNICATION_DTYPES", "ShampooDDPStrategy", "consolidate_checkpoint", "unwrap"]
+
+
+def check_communication_dtype(value: Any) -> torch.dtype:
+    return require_choice("communication_dtype", value, COMMUNICATION_DTYPES)
 
 
 def unwrap(optimizer: Any) -> Any:
@@ -58,6 +63,7 @@ class ShampooDDPStrategy(DDPStrategy):
     consolidates_shampoo_state = True
 
     def __init__(self, *args: Any, communication_dtype: torch.dtype = torch.float32, **kwargs: Any) -> None:
+        check_communication_dtype(communication_dtype)
         super().__init__(*args, **kwargs)
         self.communication_dtype = communication_dtype
 

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from ..distributed import consolidate_state_dict, local_state_dict
 from ..optim import Shampoo
-from .ddp import shard_all, unwrap
+from .ddp import check_communication_dtype, shard_all, unwrap
 
 __all__ = ["ShampooFSDPStrategy", "load_sharded_shampoo_state"]
 
@@ -48,6 +48,7 @@ class ShampooFSDPStrategy(ModelParallelStrategy):
         timeout: timedelta | None = default_pg_timeout,
         communication_dtype: torch.dtype = torch.float32,
     ) -> None:
+        check_communication_dtype(communication_dtype)
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
