@@ -11,7 +11,7 @@ from torch import Tensor
 from .preconditioners import Context
 from .preconditioners.base import ema_, per_block
 
-__all__ = ["filter_description", "filtered_gradient", "momentum_"]
+__all__ = ["ds_momentum_", "filter_description", "filtered_gradient", "momentum_", "torch_momentum_"]
 
 
 def filtered_gradient(opt: dict, grad: Tensor, ctx: Context, group: dict[str, Any]) -> Tensor:
@@ -33,8 +33,34 @@ def filtered_gradient(opt: dict, grad: Tensor, ctx: Context, group: dict[str, An
 
 
 def momentum_(opt: dict, direction: Tensor, ok: Tensor, group: dict[str, Any], step: int) -> Tensor:
-    """Heavy-ball / Nesterov momentum as ``torch.optim.SGD`` (first step: buffer = direction).
-    ``direction`` is zero on dead blocks (``ok`` false), whose buffer stays unchanged. In place."""
+    """Heavy-ball / Nesterov momentum: Distributed Shampoo's (``ds_momentum_``), or with the group
+    option ``use_torch_momentum`` ``torch.optim.SGD``'s (``torch_momentum_``); they differ only
+    with dampening. ``direction`` is zero on dead blocks (``ok`` false), whose buffer stays
+    unchanged. In place."""
+    if group.get("use_torch_momentum", False):
+        return torch_momentum_(opt, direction, ok, group, step)
+    return ds_momentum_(opt, direction, ok, group)
+
+
+# ---- Distributed Shampoo's momentum (ClassicMomentumConfig): a separate hunk to port as is.
+def ds_momentum_(opt: dict, direction: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
+    """``M ← μM + (1−d)P`` from a zero buffer (the first step is damped too); the direction
+    becomes ``M``, or with Nesterov ``(1−d)P + μM`` (dampening allowed). On dead blocks ``M``
+    keeps its value (``P`` is zero there and the decay factor is 1)."""
+    mu, dampening = group["momentum"], group["dampening"]
+    buffer = opt.get("momentum_buffer")
+    if buffer is None:
+        buffer = opt["momentum_buffer"] = torch.zeros_like(direction)
+    keep = 1.0 - (1.0 - mu) * ok.to(direction.dtype)  # μ on live blocks, 1 on dead ones
+    buffer.mul_(per_block(keep, direction.ndim)).add_(direction, alpha=1.0 - dampening)
+    if group["use_nesterov"]:
+        return direction.mul_(1.0 - dampening).add_(buffer, alpha=mu)
+    return direction.copy_(buffer)
+
+
+# ---- torch.optim.SGD's momentum (the drop-in translation of SGD selects it).
+def torch_momentum_(opt: dict, direction: Tensor, ok: Tensor, group: dict[str, Any], step: int) -> Tensor:
+    """Heavy-ball / Nesterov momentum as ``torch.optim.SGD`` (first step: buffer = direction)."""
     mu = group["momentum"]
     if "momentum_buffer" not in opt:
         opt["momentum_buffer"] = direction.clone()
@@ -47,7 +73,7 @@ def momentum_(opt: dict, direction: Tensor, ok: Tensor, group: dict[str, Any], s
         if dampening == 0.0:
             buffer.add_(direction, alpha=1.0)
         else:  # a block's first live step starts its (zero) buffer undamped, as torch.optim.SGD
-            weight = torch.where(started, 1.0 - dampening, 1.0).to(direction.dtype)
+            weight = 1.0 - dampening * started.to(direction.dtype)  # in float64 too (not via float32)
             buffer.add_(direction * per_block(weight, direction.ndim))
         started |= ok
     buffer = opt["momentum_buffer"]

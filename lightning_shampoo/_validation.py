@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .compat import translate_group
 from .preconditioners import GRAFTING_CONFIGS, PreconditionerConfig, PSGDKronPreconditionerConfig
 
 __all__ = ["validate_group"]
@@ -21,7 +22,9 @@ def _pseudo_inverse(config: Any) -> bool:
 
 
 def validate_group(group: dict[str, Any]) -> None:
-    """Validate ``group`` in place (resolving ``start_preconditioning_step=-1``)."""
+    """Validate ``group`` in place (resolving ``start_preconditioning_step=-1`` and translating
+    Distributed Shampoo's newer names, ``compat.translate_group``)."""
+    translate_group(group)
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -59,8 +62,10 @@ def validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
     if not 0.0 <= group["dampening"] < 1.0:
         raise ValueError(f"dampening must be in [0, 1), got {group['dampening']}")
-    if group["use_nesterov"] and (group["momentum"] == 0.0 or group["dampening"] != 0.0):
-        raise ValueError("use_nesterov requires momentum > 0 and dampening = 0")
+    if group["use_nesterov"] and group["momentum"] == 0.0:
+        raise ValueError("use_nesterov requires momentum > 0")
+    if group["use_nesterov"] and group.get("use_torch_momentum") and group["dampening"] != 0.0:
+        raise ValueError("use_nesterov with use_torch_momentum requires dampening = 0, as torch.optim.SGD")
     if not group["weight_decay"] >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
     max_dim = group["max_preconditioner_dim"]
@@ -100,6 +105,7 @@ def validate_group(group: dict[str, Any]) -> None:
         "use_nesterov",
         "use_merge_dims",
         "stacked",
+        "use_torch_momentum",
     ):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be a bool, got {group[key]!r}")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _checkpoint
+from . import _checkpoint, compat
 from ._moments import filter_description, filtered_gradient, momentum_
 from ._refresh import due_blocks, refresh_bucket
 from ._validation import validate_group
@@ -86,7 +86,12 @@ class Shampoo(torch.optim.Optimizer):
     ``max_bucket_numel`` caps the size of a bucket's batched tensors (see ``build_buckets``).
     ``skip_preconditioning_rank_lt``: parameters with fewer dims of size > 1 (1 for biases and
     norm scales) are stepped by ``grafting_config`` alone, with no Kronecker factors; 0 (the
-    default, as Distributed Shampoo) preconditions every parameter.
+    default, as Distributed Shampoo) preconditions every parameter. ``use_torch_momentum``:
+    momentum and dampening as ``torch.optim.SGD`` (the first step undamped) instead of Distributed
+    Shampoo's zero-started buffer; they agree without dampening. Distributed Shampoo's newer names
+    (``weight_decay_type``, ``iterate_averaging_config``, ``use_pin_memory``,
+    ``shampoo_pt2_compile_config``, ``distributed_config``) are translated into ours or refused,
+    per group (``lightning_shampoo.compat``).
     """
 
     def __init__(
@@ -112,6 +117,12 @@ class Shampoo(torch.optim.Optimizer):
         refresh_tolerance: float | None = None,
         max_bucket_numel: int | None = 2**21,
         skip_preconditioning_rank_lt: int = 0,
+        use_torch_momentum: bool = False,
+        weight_decay_type: Any = None,
+        iterate_averaging_config: Any = None,
+        use_pin_memory: bool = False,
+        shampoo_pt2_compile_config: Any = None,
+        distributed_config: Any = None,
     ) -> None:
         self._plans: list[list[BucketPlan]] = []
         self._layouts: list[list[tuple[ParamLayout, torch.dtype, torch.device]]] = []
@@ -147,7 +158,18 @@ class Shampoo(torch.optim.Optimizer):
             use_merge_dims=use_merge_dims,
             refresh_tolerance=refresh_tolerance,
             skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
+            use_torch_momentum=use_torch_momentum,
             stacked=False,
+        )
+        defaults.update(
+            compat.constructor_keys(
+                defaults,
+                weight_decay_type=weight_decay_type,
+                iterate_averaging_config=iterate_averaging_config,
+                use_pin_memory=use_pin_memory,
+                shampoo_pt2_compile_config=shampoo_pt2_compile_config,
+                distributed_config=distributed_config,
+            )
         )
         super().__init__(params, defaults)
 
