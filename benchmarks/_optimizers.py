@@ -83,12 +83,12 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 def _preset_config(name: str, overrides: dict[str, Any]) -> str | PreconditionerConfig:
     """``name``, or its preset config with the ``config.<field>`` overrides applied (``config.qr``:
-    warm-started QR eigendecompositions)."""
+    warm-started QR eigendecompositions, the reference SOAP's refresh as documented runs used)."""
     fields = {k.removeprefix("config."): overrides.pop(k) for k in list(overrides) if k.startswith("config.")}
     if not fields:
         return name
     if fields.pop("qr", False):
-        fields["amortized_computation_config"] = QREigendecompositionConfig()
+        fields["amortized_computation_config"] = QREigendecompositionConfig(reference_soap=True)
     return replace(resolve_preset(name).config, **fields)
 
 

@@ -1,11 +1,13 @@
 """lightning_shampoo: Kronecker-factored second-order optimizers as a one-line change for Lightning."""
 
+from .averaging import ClassicMomentumConfig, GeneralizedPrimalAveragingConfig, ScheduleFreeConfig
 from .callbacks import (
     PreconditionerHealthMonitor,
     PreconditionFrequencyScheduler,
     SGDFallback,
     ShampooCallback,
 )
+from .compat import WeightDecayType
 from .configure import configure_shampoo
 from .health import BlockHealth
 from .optim import Shampoo
@@ -38,11 +40,13 @@ __all__ = [
     "AdaGradPreconditionerConfig",
     "AdamPreconditionerConfig",
     "BlockHealth",
+    "ClassicMomentumConfig",
     "CoupledNewtonConfig",
     "EigenConfig",
     "EigendecomposedShampooPreconditionerConfig",
     "EigenvalueCorrectedShampooPreconditionerConfig",
     "EighEigendecompositionConfig",
+    "GeneralizedPrimalAveragingConfig",
     "KLShampooPreconditionerConfig",
     "NewtonSchulzOrthogonalizationConfig",
     "PSGDKronPreconditionerConfig",
@@ -56,11 +60,13 @@ __all__ = [
     "SGDFallback",
     "SGDPreconditionerConfig",
     "SVDOrthogonalizationConfig",
+    "ScheduleFreeConfig",
     "Shampoo",
     "ShampooCallback",
     "ShampooDDPStrategy",
     "ShampooFSDPStrategy",
     "SignDescentPreconditionerConfig",
     "SpectralDescentPreconditionerConfig",
+    "WeightDecayType",
     "configure_shampoo",
 ]

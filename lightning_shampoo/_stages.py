@@ -56,6 +56,7 @@ class GroupStep:
     momentum: float
     dampening: float
     nesterov: bool
+    torch_momentum: bool = False  # torch.optim.SGD's first step (undamped) instead of DS's
 
 
 def _cached(lane: Lane, key: Any, build: Callable[[], Any]) -> Any:
@@ -427,34 +428,38 @@ def _per_row(lane: Lane, steps: Sequence[GroupStep], value: Callable[[GroupStep]
 
 
 def momentum(lane: Lane, steps: Sequence[GroupStep]) -> None:
-    """Heavy-ball / Nesterov momentum as ``torch.optim.SGD`` (a block's first step starts its
-    buffer undamped); blocks not stepped (``ok`` false) leave their buffer unchanged."""
+    """Heavy-ball / Nesterov momentum on blocks that are stepped (``ok``; the others keep their
+    buffer): ``M ← μM + (1−d)P`` from a zero buffer, the direction ``M`` or with Nesterov
+    ``(1−d)P + μM`` (Distributed Shampoo's); with ``torch_momentum`` as ``torch.optim.SGD``,
+    whose first step starts the buffer undamped and whose Nesterov adds ``μM`` to ``P``."""
     slots = [s for s in lane.slots if steps[s.bucket.group].momentum > 0.0]
     if not slots:
         return
     v, status = lane.vectors, lane.status
-    mu = _cached(
-        lane,
-        ("mu", tuple(steps[s.bucket.group].momentum for s in slots)),
-        lambda: _per_row(lane, steps, lambda s: s.momentum),
-    )
-    damp = _cached(
-        lane,
-        ("damp", tuple(steps[s.bucket.group].dampening for s in slots)),
-        lambda: _per_row(lane, steps, lambda s: 1.0 - s.dampening),
-    )
+    key = tuple((steps[s.bucket.group].momentum, steps[s.bucket.group].dampening) for s in slots)
+    mu = _cached(lane, ("mu", key), lambda: _per_row(lane, steps, lambda s: s.momentum))
+    damp = _cached(lane, ("damp", key), lambda: _per_row(lane, steps, lambda s: 1.0 - s.dampening))
     buffers = [s.state["moments"]["momentum_buffer"] for s in slots]
     outs = [s.out for s in slots]
     torch.where(v["ok"], mu, lane.one, out=v["aux"])
     torch._foreach_mul_(buffers, [shaped(v["aux"], s, s.out.ndim) for s in slots])
-    started = status["momentum_started"]
-    torch.where(started, damp, lane.one, out=v["aux"])
+    if any(steps[s.bucket.group].torch_momentum for s in slots):
+        started = status["momentum_started"]
+        torch_rows = _cached(lane, ("torch_momentum", key), lambda: _rows_where(lane, steps, slots))
+        torch.where(started | ~torch_rows, damp, lane.one, out=v["aux"])  # undamped first step
+        started.logical_or_(v["ok"])
+    else:
+        v["aux"].copy_(damp)
     v["aux"].mul_(v["ok"])
     torch._foreach_addcmul_(buffers, outs, [shaped(v["aux"], s, s.out.ndim) for s in slots])
-    started.logical_or_(v["ok"])
     nesterov = [s for s in slots if steps[s.bucket.group].nesterov]
     heavy = [s for s in slots if not steps[s.bucket.group].nesterov]
     if nesterov:
+        scaled = [s for s in nesterov if not steps[s.bucket.group].torch_momentum]
+        if scaled:  # Distributed Shampoo's Nesterov damps the current direction too
+            torch._foreach_mul_(
+                [s.out for s in scaled], [1.0 - steps[s.bucket.group].dampening for s in scaled]
+            )
         torch.mul(mu, v["ok"], out=v["aux"])
         torch._foreach_addcmul_(
             [s.out for s in nesterov],
@@ -465,6 +470,15 @@ def momentum(lane: Lane, steps: Sequence[GroupStep]) -> None:
         torch._foreach_copy_([s.out for s in heavy], [s.state["moments"]["momentum_buffer"] for s in heavy])
         v["ok_f"].copy_(v["ok"])
         torch._foreach_mul_([s.out for s in heavy], [shaped(v["ok_f"], s, s.out.ndim) for s in heavy])
+
+
+def _rows_where(lane: Lane, steps: Sequence[GroupStep], slots: Sequence[Slot]) -> Tensor:
+    """``[N]`` mask of the rows of ``slots`` whose group uses torch's momentum."""
+    mask = torch.zeros(lane.size, dtype=torch.bool, device=lane.device)
+    for slot in slots:
+        if steps[slot.bucket.group].torch_momentum:
+            mask[slot.start : slot.start + slot.n] = True
+    return mask
 
 
 def learning_rate(lane: Lane, steps: Sequence[GroupStep]) -> None:

@@ -9,7 +9,8 @@ mapping below makes equal to the source optimizer's update:
 =========================  ==========================================================================
 ``Adam(betas=(b1, b2))``   ``betas=(b1, β)``, ``grafting_config=AdamPreconditionerConfig(b2, eps)``,
                            L2 weight decay (``decoupled_weight_decay=True`` / ``AdamW``: decoupled)
-``SGD``                    ``betas=(0, β)``, SGD grafting, ``momentum``, ``dampening``, ``use_nesterov``, L2
+``SGD``                    ``betas=(0, β)``, SGD grafting, ``momentum``, ``dampening``, ``use_nesterov``,
+                           ``use_torch_momentum=True`` (torch's undamped first step), L2
 ``RMSprop(alpha)``         ``betas=(0, β)``, ``RMSpropPreconditionerConfig(alpha, eps)``, ``momentum``, L2
 ``Adagrad``                ``betas=(0, β)``, ``AdaGradPreconditionerConfig(eps)``, L2
 =========================  ==========================================================================
@@ -95,6 +96,7 @@ def _translate_group(kind: type, group: Mapping[str, Any], where: str) -> dict[s
         out["momentum"] = _float(group["momentum"])
         out["dampening"] = _float(group["dampening"])
         out["use_nesterov"] = bool(group["nesterov"])
+        out["use_torch_momentum"] = True  # SGD's first step is undamped (Shampoo's default damps it)
     elif kind is torch.optim.RMSprop:
         out["grafting_config"] = RMSpropPreconditionerConfig(
             beta2=_float(group["alpha"]), epsilon=_float(group["eps"])

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ._checks import describe, require_bool, require_float, require_int, require_pair
+from .compat import DS_ONLY_KEYS, translate_group
 from .preconditioners import GRAFTING_CONFIGS, PreconditionerConfig, PSGDKronPreconditionerConfig
 
 __all__ = [
@@ -118,6 +119,7 @@ GROUP_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "use_bias_correction": require_bool,
     "use_decoupled_weight_decay": require_bool,
     "use_nesterov": require_bool,
+    "use_torch_momentum": require_bool,
     "use_merge_dims": require_bool,
     "stacked": require_bool,
     "step": lambda n, v: require_int(n, v, low=0),
@@ -142,7 +144,9 @@ def _pseudo_inverse(config: Any) -> bool:
 
 
 def validate_group(group: dict[str, Any]) -> None:
-    """Validate ``group`` in place (resolving ``start_preconditioning_step=-1``)."""
+    """Validate ``group`` in place (resolving ``start_preconditioning_step=-1`` and translating
+    Distributed Shampoo's newer names, ``compat.translate_group``)."""
+    translate_group(group)
     check_group_values(group)
     group["betas"] = (float(group["betas"][0]), float(group["betas"][1]))
     beta1 = group["betas"][0]
@@ -158,8 +162,10 @@ def validate_group(group: dict[str, Any]) -> None:
         )
     if not _pseudo_inverse(config) and not group["epsilon"] > 0.0:
         raise ValueError(f"epsilon must be > 0 (or use pseudo_inverse=True), got {group['epsilon']!r}")
-    if group["use_nesterov"] and (group["momentum"] == 0.0 or group["dampening"] != 0.0):
-        raise ValueError("use_nesterov requires momentum > 0 and dampening = 0")
+    if group["use_nesterov"] and group["momentum"] == 0.0:
+        raise ValueError("use_nesterov requires momentum > 0")
+    if group["use_nesterov"] and group.get("use_torch_momentum") and group["dampening"] != 0.0:
+        raise ValueError("use_nesterov with use_torch_momentum requires dampening = 0, as torch.optim.SGD")
     frequency = group["precondition_frequency"]
     if group["start_preconditioning_step"] == -1:
         group["start_preconditioning_step"] = frequency
@@ -217,7 +223,7 @@ def validate_params(
     if "params" not in group:
         raise ValueError("a param group must have a 'params' key")
     out = dict(group)
-    _check_keys(out, [*defaults, "params", "param_names", "step"])
+    _check_keys(out, [*defaults, "params", "param_names", "step", *DS_ONLY_KEYS])
     params = out["params"]
     if isinstance(params, Tensor):
         params = [params]

@@ -30,10 +30,15 @@ def processed_shape(
     merge: bool = True,
     stacked: bool = False,
     min_order: int = 1,
+    squeeze: bool = True,
 ) -> tuple[int, ...]:
     """Squeeze size-1 dims, then merge adjacent dims (from the last, as Distributed Shampoo does)
-    while the product stays ≤ ``max_dim`` and at least ``min_order`` dims remain."""
+    while the product stays ≤ ``max_dim`` and at least ``min_order`` dims remain.
+    ``squeeze=False`` keeps the shape as given, size-1 dims included, and merges nothing
+    (Distributed Shampoo's ``target_parameter_dimensionality=math.inf``)."""
     lead, rest = (tuple(shape[:1]), tuple(shape[1:])) if stacked else ((), tuple(shape))
+    if not squeeze:
+        return lead + rest or (1,)
     dims = [d for d in reversed(rest) if d != 1]
     if merge and dims:
         merged = [dims[0]]
@@ -190,11 +195,12 @@ def layout_param(
     merge: bool = True,
     stacked: bool = False,
     min_order: int = 1,
+    squeeze: bool = True,
 ) -> ParamLayout:
     """Block one parameter of ``shape``; ``merge`` must be False for non-contiguous parameters."""
     if stacked and len(shape) < 2:
         raise ValueError(f"parameter {name!r}: a stacked parameter needs >= 2 dims, got shape {tuple(shape)}")
-    proc = processed_shape(shape, max_dim, merge=merge, stacked=stacked, min_order=min_order)
+    proc = processed_shape(shape, max_dim, merge=merge, stacked=stacked, min_order=min_order, squeeze=squeeze)
     per_dim = []
     for axis, n in enumerate(proc):
         if stacked and axis == 0:

@@ -121,7 +121,9 @@ def _preset(name: str) -> Preset:
     if name == "soap":
         return Preset(
             name,
-            EigenvalueCorrectedShampooPreconditionerConfig(),
+            # Our improvement over Distributed Shampoo's default: carry the second moment into each
+            # new basis (soap.py), which kept the suite's CNN from diverging at AdamW's lr.
+            EigenvalueCorrectedShampooPreconditionerConfig(rotate_corrected_eigenvalues=True),
             betas=(0.95, 0.95),
             epsilon=1e-8,
             graft=False,

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _checkpoint, _stages
+from . import _checkpoint, _stages, compat
 from ._checks import clamp_epsilon_scale
 from ._refresh import refresh_lane
 from ._validation import check_grad, validate_constructor_options, validate_group, validate_params
@@ -66,6 +66,11 @@ class Shampoo(torch.optim.Optimizer):
     default, as Distributed Shampoo) preconditions every parameter.
     ``target_parameter_dimensionality`` (Distributed Shampoo's): dims are merged only while more
     than this many remain (``math.inf``: never merged); 2 keeps a matrix a matrix.
+    ``use_torch_momentum``: momentum and dampening as ``torch.optim.SGD`` (the first step
+    undamped) instead of Distributed Shampoo's zero-started buffer; they agree without dampening.
+    Distributed Shampoo's newer names (``weight_decay_type``, ``iterate_averaging_config``,
+    ``use_pin_memory``, ``shampoo_pt2_compile_config``, ``distributed_config``) are translated
+    into ours or refused, per group (``lightning_shampoo.compat``).
     """
 
     def __init__(
@@ -92,6 +97,12 @@ class Shampoo(torch.optim.Optimizer):
         max_bucket_numel: int | None = 2**21,
         skip_preconditioning_rank_lt: int = 0,
         target_parameter_dimensionality: int | float = 1,
+        use_torch_momentum: bool = False,
+        weight_decay_type: Any = None,
+        iterate_averaging_config: Any = None,
+        use_pin_memory: bool = False,
+        shampoo_pt2_compile_config: Any = None,
+        distributed_config: Any = None,
     ) -> None:
         validate_constructor_options(use_bucketing, max_bucket_numel)
         self._params: list[Tensor] = []
@@ -129,7 +140,18 @@ class Shampoo(torch.optim.Optimizer):
             refresh_tolerance=refresh_tolerance,
             skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
             target_parameter_dimensionality=target_parameter_dimensionality,
+            use_torch_momentum=use_torch_momentum,
             stacked=False,
+        )
+        defaults.update(
+            compat.constructor_keys(
+                defaults,
+                weight_decay_type=weight_decay_type,
+                iterate_averaging_config=iterate_averaging_config,
+                use_pin_memory=use_pin_memory,
+                shampoo_pt2_compile_config=shampoo_pt2_compile_config,
+                distributed_config=distributed_config,
+            )
         )
         super().__init__(params, defaults)
 
@@ -310,6 +332,7 @@ class Shampoo(torch.optim.Optimizer):
             momentum=group["momentum"],
             dampening=group["dampening"],
             nesterov=group["use_nesterov"],
+            torch_momentum=group["use_torch_momentum"],
         )
 
     def _step_lane(

@@ -145,7 +145,8 @@ def test_preset_specifics() -> None:
     kl = groups_by_name(configure_shampoo(Net(), "kl_shampoo"))
     assert isinstance(kl["kl_shampoo"]["preconditioner_config"], KLShampooPreconditionerConfig)
     adam = groups_by_name(configure_shampoo(Net(), "adam", weight_decay=0.1))
-    assert adam["adam"]["preconditioner_config"] == AdamPreconditionerConfig()
+    # The Adam side's epsilon (adam_epsilon, 1e-8), not the class default (1e-10, as Distributed Shampoo).
+    assert adam["adam"]["preconditioner_config"] == AdamPreconditionerConfig(epsilon=1e-8)
     assert adam["adam"]["weight_decay"] == 0.1 and adam["adam_no_decay"]["weight_decay"] == 0.0
 
 
@@ -195,7 +196,8 @@ def test_overrides_by_pattern() -> None:
     groups = groups_by_name(optimizer)
     embed = groups["embed.* (shampoo)"]
     assert embed["param_names"] == ["embed.weight"] and embed["lr"] == 5e-4
-    assert embed["preconditioner_config"] == AdamPreconditionerConfig() and embed["grafting_config"] is None
+    assert embed["preconditioner_config"] == AdamPreconditionerConfig(epsilon=1e-8)
+    assert embed["grafting_config"] is None
     assert embed["weight_decay"] == 0.1  # a matrix keeps its decay on Adam
     convs = groups["re:(conv|mix)\\.weight (shampoo)"]
     assert convs["param_names"] == ["conv.weight", "mix.weight"]

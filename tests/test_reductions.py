@@ -113,6 +113,7 @@ CASES: dict[str, tuple[dict[str, Any], Reference]] = {
             betas=(0.0, 1.0),
             momentum=0.9,
             dampening=0.3,
+            use_torch_momentum=True,  # torch's undamped first step (Distributed Shampoo damps it)
             grafting_config=SGDPreconditionerConfig(),
             use_decoupled_weight_decay=False,
         ),

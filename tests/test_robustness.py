@@ -477,7 +477,8 @@ def test_params_without_grad_are_skipped():
 
 @pytest.mark.parametrize("use_bucketing", [True, False])
 def test_momentum_of_a_late_starting_block_matches_torch_sgd(use_bucketing):
-    """A block whose first gradient arrives after step 1 starts its buffer like torch.optim.SGD."""
+    """A block whose first gradient arrives after step 1 starts its buffer like torch.optim.SGD
+    (with ``use_torch_momentum``; Distributed Shampoo's momentum: tests/test_parity_semantics.py)."""
     params = [nn.Parameter(torch.zeros(4)) for _ in range(2)]  # one bucket of two blocks
     reference = [nn.Parameter(torch.zeros(4)) for _ in range(2)]
     opt = Shampoo(
@@ -486,6 +487,7 @@ def test_momentum_of_a_late_starting_block_matches_torch_sgd(use_bucketing):
         betas=(0.0, 1.0),
         momentum=0.9,
         dampening=0.5,
+        use_torch_momentum=True,
         preconditioner_config=SGDPreconditionerConfig(),
         use_bucketing=use_bucketing,
     )

@@ -115,7 +115,7 @@ def _scrambled_state(
     """A SOAP bucket (2 blocks of 5x4) whose stored bases are exact eigenvectors of its factors in
     scrambled column order, with a nonzero, non-uniform second moment."""
     config = EigenvalueCorrectedShampooPreconditionerConfig(
-        amortized_computation_config=QREigendecompositionConfig(sort_eigenvectors=True),
+        amortized_computation_config=QREigendecompositionConfig(reference_soap=True, sort_eigenvectors=True),
         rotate_corrected_eigenvalues=rotate,
         **SOAP64,
     )
@@ -194,7 +194,16 @@ def test_qr_refresh_without_permuting_the_moment_would_change_the_direction(
 # ------------------------------------------------------------------- exact, known eigenbasis
 
 
-@pytest.mark.parametrize("amortized_config", [EighEigendecompositionConfig(), QREigendecompositionConfig()])
+@pytest.mark.parametrize(
+    "amortized_config",
+    [
+        EighEigendecompositionConfig(),
+        QREigendecompositionConfig(reference_soap=True),
+        # Distributed Shampoo's QR, from the identity on the first refresh: iterated to convergence.
+        QREigendecompositionConfig(max_iterations=300),
+    ],
+    ids=["eigh", "qr-reference", "qr-converged"],
+)
 def test_known_eigenbasis_soap_is_adam_on_singular_values(amortized_config: Any) -> None:
     """``G_t = U diag(s_t) Vᵀ`` with fixed ``U, V``: the factors' eigenbases are ``U`` and ``V`` and
     SOAP's update is ``-lr · U diag(Adam(s_t)) Vᵀ`` with Adam applied to the vectors ``s_t``."""
@@ -229,13 +238,13 @@ def test_known_eigenbasis_soap_is_adam_on_singular_values(amortized_config: Any)
         overlap = (state[f"eigenvectors.{i}"][0].mT @ q).abs()
         torch.testing.assert_close(overlap.amax(0), torch.ones(d, dtype=F64), rtol=0, atol=1e-8)
         torch.testing.assert_close(overlap.sum(0), torch.ones(d, dtype=F64), rtol=0, atol=1e-6)
-        # eigh stores ascending eigenvalues; QR refreshes re-sort them descending, so the steps
-        # above went through a (reversing) permutation of the second moment.
+        # eigh and Distributed Shampoo's QR store ascending eigenvalues; reference-SOAP QR
+        # refreshes re-sort them descending, so the steps above went through a (reversing)
+        # permutation of the second moment.
         order = overlap.argmax(1)
         ascending = torch.arange(d)
-        expected = (
-            ascending if isinstance(amortized_config, EighEigendecompositionConfig) else ascending.flip(0)
-        )
+        reference = getattr(amortized_config, "reference_soap", False)
+        expected = ascending.flip(0) if reference else ascending
         assert order.tolist() == expected.tolist()
 
 
@@ -316,7 +325,7 @@ def test_refresh_rotates_the_second_moment_into_the_new_basis() -> None:
     coordinates. The map is doubly stochastic, so the total is kept; without the rotation the old
     per-coordinate values would simply stay where they were."""
     shape = (5, 3)
-    config = EigenvalueCorrectedShampooPreconditionerConfig(**SOAP64)
+    config = EigenvalueCorrectedShampooPreconditionerConfig(rotate_corrected_eigenvalues=True, **SOAP64)
     kernel = SOAPPreconditioner(config, shape, "test")
     state = kernel.init_state(1, torch.device("cpu"), F64)
     bases = [_orthogonal(d, seed=3 + i) for i, d in enumerate(shape)]

@@ -56,7 +56,7 @@ class _UnknownConfig(PreconditionerConfig):
         (dict(momentum=0.9, dampening=1.0), "dampening"),
         (dict(momentum=0.9, dampening=-0.5), "dampening"),
         (dict(use_nesterov=True), "use_nesterov"),
-        (dict(use_nesterov=True, momentum=0.9, dampening=0.1), "use_nesterov"),
+        (dict(use_nesterov=True, momentum=0.9, dampening=0.1, use_torch_momentum=True), "use_nesterov"),
         (dict(weight_decay=-0.1), "weight_decay"),
         (dict(weight_decay=math.nan), "weight_decay"),
         (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),

@@ -60,6 +60,9 @@ _FROM_SOURCE = (
     "grafting_config",
     "use_decoupled_weight_decay",
     "use_bias_correction",
+    "use_torch_momentum",
+    "weight_decay_type",
+    "iterate_averaging_config",
 )
 
 

@@ -11,7 +11,9 @@ __all__ = [
     "NEWTON_SCHULZ_COEFFICIENTS",
     "OrthogonalIterationResult",
     "newton_schulz",
+    "off_diagonal_within",
     "orthogonal_iteration",
+    "qr_algorithm",
     "rayleigh_quotients",
     "svd_orthogonalize",
 ]
@@ -26,7 +28,8 @@ def rayleigh_quotients(matrices: Tensor, basis: Tensor) -> Tensor:
 
 
 class OrthogonalIterationResult(NamedTuple):
-    """Eigenvalue estimates ``[..., d]`` (descending when sorted), eigenvectors ``[..., d, d]``,
+    """Eigenvalue estimates ``[..., d]`` (orthogonal iteration: descending when sorted; QR
+    algorithm: ascending), eigenvectors ``[..., d, d]``,
     the column permutation applied to the previous basis before iterating (``None`` without
     sorting) and a failure mask ``[...]``."""
 
@@ -57,6 +60,50 @@ def orthogonal_iteration(
     values = rayleigh_quotients(matrices, q)
     failed = ~(torch.isfinite(q).flatten(-2).all(-1) & torch.isfinite(values).all(-1))
     return OrthogonalIterationResult(values, q, permutation, failed)
+
+
+def off_diagonal_within(estimates: Tensor, tolerance: float) -> Tensor:
+    """``‖B − diag(B)‖_F ≤ tolerance · ‖B‖_F`` per matrix of ``B = QᵀAQ``: how far ``Q`` is from
+    diagonalising ``A`` (the relative error of ``A ≈ Q diag(B) Qᵀ``). The off-diagonal mass is
+    summed directly (not as ``‖B‖² − ‖diag B‖²``, which cancels below ~1e-8 relative), so
+    ``tolerance = 0`` holds only for an exactly diagonal ``B``."""
+    squares = estimates.square()
+    off = (squares - torch.diag_embed(squares.diagonal(dim1=-2, dim2=-1))).sum((-2, -1))
+    return off <= tolerance**2 * squares.sum((-2, -1))
+
+
+def qr_algorithm(
+    matrices: Tensor, basis: Tensor, *, max_iterations: int = 1, tolerance: float = 0.0
+) -> OrthogonalIterationResult:
+    """Warm-started QR algorithm on symmetric ``A`` (Distributed Shampoo's QR eigendecomposition).
+
+    ``B = QᵀAQ``; while ``B`` is not diagonal within ``tolerance`` (see ``off_diagonal_within``)
+    and fewer than ``max_iterations`` steps ran: ``(P, R) = qr(B)``, ``B ← RP``, ``Q ← QP`` — the
+    same subspace step as ``Q ← qr(AQ)``, one matrix at a time (a matrix within tolerance stops,
+    whatever its batch neighbours do). Finally the columns are sorted by ascending ``diag(B)``
+    (stable). ``permutation`` is ``None``: the sort follows the iteration, which mixes columns, so
+    state indexed by the previous columns has no permutation to follow (Distributed Shampoo
+    leaves it in place).
+    """
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
+    if not 0.0 <= tolerance <= 1.0:
+        raise ValueError(f"tolerance must be in [0, 1], got {tolerance}")
+    q = basis
+    b = q.mT @ matrices @ q
+    active = ~off_diagonal_within(b, tolerance)
+    for _ in range(max_iterations):
+        if not bool(active.any()):  # refresh time: a host sync is fine here
+            break
+        p, r = torch.linalg.qr(b)
+        keep = active[..., None, None]
+        b = torch.where(keep, r @ p, b)
+        q = torch.where(keep, q @ p, q)
+        active &= ~off_diagonal_within(b, tolerance)
+    values, order = b.diagonal(dim1=-2, dim2=-1).sort(dim=-1, stable=True)
+    q = q.gather(-1, order.unsqueeze(-2).expand_as(q))
+    failed = ~(torch.isfinite(q).flatten(-2).all(-1) & torch.isfinite(values).all(-1))
+    return OrthogonalIterationResult(values, q, None, failed)
 
 
 def newton_schulz(

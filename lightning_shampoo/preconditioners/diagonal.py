@@ -2,10 +2,13 @@
 
 They serve as main preconditioners (for parameters where a Kronecker factorisation does not pay)
 and as ``grafting_config``, the per-block step-size reference that Shampoo's direction borrows its
-norm from. Field names and semantics follow Distributed Shampoo; the update formulas match
-``torch.optim`` so that grafting-only runs reproduce those optimizers. Their work is elementwise,
-so the ``*_many`` methods serve every bucket of the step with one ``torch._foreach_*`` call per
-operation.
+norm from. Field names, defaults and semantics follow Distributed Shampoo (epsilon 1e-10 for all
+three; Adam always bias-corrects its second moment, RMSprop never does); the update formulas
+match ``torch.optim`` so that grafting-only runs reproduce those optimizers (pass their epsilon,
+1e-8 for Adam and RMSprop). ``drop_weighting_factor_on_gsquare`` accumulates ``β₂·v + g²``
+without bias correction, as Distributed Shampoo's option of that name. Their work is
+elementwise, so the ``*_many`` methods serve every bucket of the step with one
+``torch._foreach_*`` call per operation.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._checks import require_float
+from .._checks import require_bool, require_float
 from .base import Context, Preconditioner, PreconditionerConfig, StateSpec, decay_
 
 __all__ = [
@@ -52,16 +55,19 @@ class RMSpropPreconditionerConfig(AdaGradPreconditionerConfig):
     """``g / (sqrt(EMA_β₂ g²) + epsilon)`` without bias correction, as ``torch.optim.RMSprop``."""
 
     beta2: float = 0.99
-    epsilon: float = 1e-8
+    drop_weighting_factor_on_gsquare: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_float("beta2", self.beta2, low=0.0, high=1.0, low_open=True)
+        require_bool("drop_weighting_factor_on_gsquare", self.drop_weighting_factor_on_gsquare)
 
 
 @dataclass(frozen=True, kw_only=True)
 class AdamPreconditionerConfig(RMSpropPreconditionerConfig):
-    """RMSprop with Adam's ``1 - β₂ᵗ`` bias correction; β₁ is the optimizer's ``betas[0]``."""
+    """RMSprop with Adam's ``1 - β₂ᵗ`` bias correction, applied whatever the optimizer's
+    ``use_bias_correction`` (which governs β₁ and the Kronecker factors), as in Distributed
+    Shampoo; β₁ is the optimizer's ``betas[0]``. Without bias correction use RMSprop."""
 
     family: ClassVar[str | None] = "adam"
     beta2: float = 0.999
@@ -83,10 +89,13 @@ class DiagonalPreconditioner(Preconditioner):
         #: The second moment's EMA factor (1: a sum, AdaGrad) and its additive damping.
         self.beta2: float = getattr(config, "beta2", 1.0)
         self.epsilon: float = getattr(config, "epsilon", 0.0)
+        #: ``v ← β₂·v + g²`` (Distributed Shampoo's ``drop_weighting_factor_on_gsquare``).
+        self.unweighted: bool = getattr(config, "drop_weighting_factor_on_gsquare", False)
 
     def bias_corrected(self, use_bias_correction: bool) -> bool:
-        """Whether the second moment is divided by ``1 - β₂ᵗ`` (Adam only, as torch)."""
-        return self.kind == "adam" and use_bias_correction
+        """Whether the second moment is divided by ``1 - β₂ᵗ``: Adam's always (as Distributed
+        Shampoo, whatever the optimizer's ``use_bias_correction``), unless unweighted."""
+        return self.kind == "adam" and not self.unweighted
 
     def state_schema(self, dtype: torch.dtype, options: Mapping[str, Any]) -> dict[str, StateSpec]:
         if self.kind == "sgd":
@@ -106,7 +115,7 @@ class DiagonalPreconditioner(Preconditioner):
         ]
         decay_([(v, c.diagonal.shaped("keep", v.ndim)) for k, v, _, c in stateful if k.beta2 != 1.0])
         if stateful:
-            weights = [1.0 if k.beta2 == 1.0 else 1.0 - k.beta2 for k, _, _, _ in stateful]
+            weights = [1.0 if k.beta2 == 1.0 or k.unweighted else 1.0 - k.beta2 for k, _, _, _ in stateful]
             grads = [g for _, _, g, _ in stateful]
             torch._foreach_addcmul_([v for _, v, _, _ in stateful], grads, grads, weights)
 
@@ -125,7 +134,7 @@ class DiagonalPreconditioner(Preconditioner):
         corrected = [
             (out, c.diagonal.shaped("root", out.ndim))
             for k, _, c, out in jobs
-            if k.kind == "adam" and c.diagonal.root is not None
+            if k.bias_corrected(c.use_bias_correction) and c.diagonal.root is not None
         ]
         if corrected:
             torch._foreach_div_([o for o, _ in corrected], [r for _, r in corrected])

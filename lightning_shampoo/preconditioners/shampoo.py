@@ -34,7 +34,9 @@ from .amortized import (
     EigendecompositionConfig,
     EighEigendecompositionConfig,
     QREigendecompositionConfig,
+    TraceScalingOptions,
     eigendecompose,
+    trace_scale,
 )
 from .base import (
     Context,
@@ -88,14 +90,16 @@ def check_exponent_override(override: Any, *, per_dim: bool = True, positive: bo
 
 
 @dataclass(frozen=True, kw_only=True)
-class _ShampooFamilyConfig(PreconditionerConfig):
-    """``inverse_exponent_override``: ``{order: α | {dim: α}}``; α = 0 leaves a dim unpreconditioned."""
+class _ShampooFamilyConfig(PreconditionerConfig, TraceScalingOptions):
+    """``inverse_exponent_override``: ``{order: α | {dim: α}}``; α = 0 leaves a dim unpreconditioned.
+    ``use_trace_scaling`` / ``trace_scaling_exponent``: see ``TraceScalingOptions``."""
 
     kronecker: ClassVar[bool] = True
     inverse_exponent_override: Mapping[int, float | Mapping[int, float]] = field(default_factory=dict)
     factor_matrix_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_exponent_override(self.inverse_exponent_override)
         check_dtype("factor_matrix_dtype", self.factor_matrix_dtype, _FLOAT_DTYPES)
 
@@ -151,6 +155,11 @@ class KLShampooPreconditionerConfig(EigendecomposedShampooPreconditionerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require_bool("eigenvalue_correction", self.eigenvalue_correction)
+        if self.eigenvalue_correction and self.use_trace_scaling:
+            raise ValueError(
+                "use_trace_scaling is not supported with eigenvalue_correction=True: the corrected "
+                "eigenvalues are re-estimated every step from unscaled statistics"
+            )
 
 
 class ShampooPreconditioner(Preconditioner):
@@ -235,11 +244,13 @@ class ShampooPreconditioner(Preconditioner):
                 kernel.update(state, grad, ctx)
         accumulate_factors_many(plain)
 
-    def _eigen_refresh(self, state: dict[str, Tensor], i: int, matrix: Tensor, ctx: Context):
+    def _eigen_refresh(
+        self, state: dict[str, Tensor], i: int, matrix: Tensor, ctx: Context, eps: float | Tensor
+    ):
         cfg = self.config
         assert isinstance(cfg, EigendecomposedShampooPreconditionerConfig)
         previous = state[f"eigenvectors.{i}"].to(matrix.dtype)
-        return eigendecompose(matrix, cfg.amortized_computation_config, previous, warm=ctx.warm)
+        return eigendecompose(matrix, cfg.amortized_computation_config, previous, warm=ctx.warm, epsilon=eps)
 
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
         amortized = getattr(self.config, "amortized_computation_config", None)
@@ -247,8 +258,13 @@ class ShampooPreconditioner(Preconditioner):
         bc2 = per_block(ctx.bias_correction2, 3)
         block_failed = torch.zeros_like(commit)
         stats: list[SpectrumStats | None] = []
+        cfg = self.config
+        assert isinstance(cfg, _ShampooFamilyConfig)
         for i, alpha in self.exponents.items():
-            matrix = state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype)
+            bias_corrected = state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype)
+            matrix = bias_corrected
+            if cfg.use_trace_scaling:
+                matrix = trace_scale(bias_corrected, cfg.trace_scaling_exponent, eps)
             root_key = f"root.{i}"
             if isinstance(amortized, CoupledNewtonConfig):
                 root, _, failed = coupled_newton_inverse_root(
@@ -262,7 +278,7 @@ class ShampooPreconditioner(Preconditioner):
             else:
                 options = amortized
                 if self.eigendecomposed:
-                    values, vectors, _, failed = self._eigen_refresh(state, i, matrix, ctx)
+                    values, vectors, _, failed = self._eigen_refresh(state, i, matrix, ctx, eps)
                 else:
                     assert isinstance(options, EigenConfig)
                     values, vectors, failed = safe_eigh(matrix, retry_float64=options.retry_double_precision)
@@ -285,7 +301,7 @@ class ShampooPreconditioner(Preconditioner):
             root = (root + root.mT).mul_(0.5)
             commit_(state[root_key], root, commit & ~failed)
             if f"reference.{i}" in state:  # snapshot for drift(); see there
-                commit_(state[f"reference.{i}"], matrix, commit & ~failed)  # bias-corrected
+                commit_(state[f"reference.{i}"], bias_corrected, commit & ~failed)
             block_failed |= failed & commit
         return RefreshResult(block_failed, tuple(stats))
 

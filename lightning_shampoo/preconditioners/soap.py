@@ -5,13 +5,15 @@ refreshed (eigh, or warm-started QR). Every step the gradient is rotated into th
 diagonal second moment (the *corrected eigenvalues*) is kept, Adam-style, and the update is
 rotated back. With the identity basis (before the first refresh) this is exactly Adam.
 
-When the basis changes, the second moment is carried into the new one: coordinates with variances
-``v`` in the old basis have variances ``(R∘R)·v`` in the new, ``R = Q_newᵀ Q_old`` per dim. That
-covers a QR refresh re-sorting columns (``R`` is then a signed permutation) and, above all, the
-first switch away from the identity basis, where Adam's per-coordinate moments would otherwise
-meet rotated gradients they never saw (it diverged the convergence suite's CNN at a learning rate
-AdamW survives). ``rotate_corrected_eigenvalues=False`` leaves the moment in place, as the
-reference SOAP does, and then only permutes it with re-sorted columns.
+When the basis changes, Distributed Shampoo (and the reference SOAP) leave the second moment
+where it is: the default here too. ``rotate_corrected_eigenvalues=True`` (the ``soap`` preset's
+choice) carries it into the new basis instead: coordinates with variances ``v`` in the old basis
+have variances ``(R∘R)·v`` in the new, ``R = Q_newᵀ Q_old`` per dim. That covers a QR refresh
+re-sorting columns (``R`` is then a signed permutation) and, above all, the first switch away
+from the identity basis, where Adam's per-coordinate moments would otherwise meet rotated
+gradients they never saw (it diverged the convergence suite's CNN at a learning rate AdamW
+survives). Without rotation, a reference-SOAP QR refresh (``reference_soap=True``) permutes the
+moment with the columns it re-sorts; Distributed Shampoo's QR refresh does not.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from .amortized import (
     EigendecompositionConfig,
     EighEigendecompositionConfig,
     QREigendecompositionConfig,
+    TraceScalingOptions,
     eigendecompose,
+    trace_scale,
 )
 from .base import (
     Context,
@@ -54,11 +58,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True, kw_only=True)
-class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
+class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig, TraceScalingOptions):
     """SOAP. ``ignored_basis_change_dims``: ``{order: [dims]}`` kept in the original basis;
     ``inverse_exponent_override``: ``{order: α}`` on the corrected eigenvalues (default ½, Adam);
-    ``rotate_corrected_eigenvalues``: carry the second moment into each new basis (below; False:
-    leave it in place, as the reference SOAP does, permuting it only when QR re-sorts columns)."""
+    ``rotate_corrected_eigenvalues``: carry the second moment into each new basis (module
+    docstring; default False: leave it in place, as Distributed Shampoo and the reference SOAP
+    do); ``use_trace_scaling``: see ``TraceScalingOptions`` (it only moves the QR damping)."""
 
     family: ClassVar[str | None] = "soap"
     kronecker: ClassVar[bool] = True
@@ -70,9 +75,10 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
     factor_matrix_dtype: torch.dtype = torch.float32
     factor_matrix_eigenvectors_dtype: torch.dtype = torch.float32
     corrected_eigenvalues_dtype: torch.dtype = torch.float32
-    rotate_corrected_eigenvalues: bool = True
+    rotate_corrected_eigenvalues: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in (
             "factor_matrix_dtype",
             "factor_matrix_eigenvectors_dtype",
@@ -161,12 +167,15 @@ class SOAPPreconditioner(Preconditioner):
         rotate = self.cfg.rotate_corrected_eigenvalues
         changes: dict[int, Tensor] = {}
         basis_changes: dict[int, Tensor] = {}
+        eps = ctx.block_epsilon(self.cfg.factor_matrix_dtype)
         for i in self.basis_dims:
             key = f"eigenvectors.{i}"
             matrix = state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype)
+            if self.cfg.use_trace_scaling:
+                matrix = trace_scale(matrix, self.cfg.trace_scaling_exponent, eps)
             old = state[key].to(matrix.dtype, copy=True)  # commit_ writes state[key] in place
             values, vectors, permutation, failed = eigendecompose(
-                matrix, self.cfg.amortized_computation_config, old, warm=ctx.warm
+                matrix, self.cfg.amortized_computation_config, old, warm=ctx.warm, epsilon=eps
             )
             ok = commit & ~failed
             commit_(state[key], vectors, ok)
@@ -181,7 +190,7 @@ class SOAPPreconditioner(Preconditioner):
                 index_shape[i + 1] = self.block_shape[i]
                 index = permutation.view(index_shape).expand_as(second)
                 commit_(second, second.gather(i + 1, index), ok)
-            stats.append(spectrum_stats(values, ctx.block_epsilon()))
+            stats.append(spectrum_stats(values, eps))
             block_failed |= failed & commit
         if changes:
             # Coordinates uncorrelated in the old basis with variances v have variances
