@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import spectrum_stats, stable_pow
+from ._dtypes import check_optional_dtype
 from .amortized import (
     EigendecompositionConfig,
     EighEigendecompositionConfig,
@@ -36,7 +37,6 @@ from .base import (
     RefreshResult,
     accumulate_outer_,
     apply_along_dims,
-    check_dtype,
     commit_,
     eigenbasis_drift,
     ema_,
@@ -46,24 +46,24 @@ from .base import (
 
 __all__ = ["EigenvalueCorrectedShampooPreconditionerConfig", "SOAPPreconditioner"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
-
 
 @dataclass(frozen=True, kw_only=True)
 class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
     """SOAP. ``ignored_basis_change_dims``: ``{order: [dims]}`` kept in the original basis;
     ``inverse_exponent_override``: ``{order: α}`` on the corrected eigenvalues (default ½, Adam);
     ``rotate_corrected_eigenvalues``: carry the second moment into each new basis (below; False:
-    leave it in place, as the reference SOAP does, permuting it only when QR re-sorts columns)."""
+    leave it in place, as the reference SOAP does, permuting it only when QR re-sorts columns).
+    The ``*_dtype`` fields: ``None`` (default) stores that state in the parameter's dtype, at least
+    float32 (float64 under ``precision="64-true"``); an explicit dtype is used as given."""
 
     amortized_computation_config: EigendecompositionConfig = field(
         default_factory=EighEigendecompositionConfig
     )
     ignored_basis_change_dims: Mapping[int, Sequence[int]] = field(default_factory=dict)
     inverse_exponent_override: Mapping[int, float] = field(default_factory=dict)
-    factor_matrix_dtype: torch.dtype = torch.float32
-    factor_matrix_eigenvectors_dtype: torch.dtype = torch.float32
-    corrected_eigenvalues_dtype: torch.dtype = torch.float32
+    factor_matrix_dtype: torch.dtype | None = None
+    factor_matrix_eigenvectors_dtype: torch.dtype | None = None
+    corrected_eigenvalues_dtype: torch.dtype | None = None
     rotate_corrected_eigenvalues: bool = True
 
     def __post_init__(self) -> None:
@@ -72,7 +72,7 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
             "factor_matrix_eigenvectors_dtype",
             "corrected_eigenvalues_dtype",
         ):
-            check_dtype(name, getattr(self, name), _FLOAT_DTYPES)
+            check_optional_dtype(name, getattr(self, name))
         allowed = EighEigendecompositionConfig | QREigendecompositionConfig
         if not isinstance(self.amortized_computation_config, allowed):
             raise ValueError(
@@ -109,15 +109,16 @@ class SOAPPreconditioner(Preconditioner):
         return self.basis_dims
 
     def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        cfg = self.cfg  # a dtype left None is ``dtype``: the parameter's, at least float32
         state: dict[str, Tensor] = {}
         for i in self.basis_dims:
             d = self.block_shape[i]
-            state[f"factor.{i}"] = torch.zeros(n, d, d, dtype=self.cfg.factor_matrix_dtype, device=device)
+            state[f"factor.{i}"] = torch.zeros(n, d, d, dtype=cfg.factor_matrix_dtype or dtype, device=device)
             state[f"eigenvectors.{i}"] = identity(
-                n, d, dtype=self.cfg.factor_matrix_eigenvectors_dtype, device=device
+                n, d, dtype=cfg.factor_matrix_eigenvectors_dtype or dtype, device=device
             )
         state["corrected_eigenvalues"] = torch.zeros(
-            n, *self.block_shape, dtype=self.cfg.corrected_eigenvalues_dtype, device=device
+            n, *self.block_shape, dtype=cfg.corrected_eigenvalues_dtype or dtype, device=device
         )
         return state
 
