@@ -15,8 +15,10 @@ decisions — and:
   its failure count did not, its condition number is acceptable), or, after ``max_retries``
   failed retries, leaves it in fallback for good.
 
-Training never stops for any of it; every switch is logged (python ``logging`` on rank 0, and
-counters through ``pl_module.log``). The state lives in the checkpoint (plain values only).
+Training never stops for any of it; every switch is logged (python ``logging`` on rank 0), and
+the counters go to the trainer's loggers every ``log_every_n_steps`` (the trainer's by default),
+written directly at the step of the batch's training metrics like the health monitor's figures.
+The state lives in the checkpoint (plain values only).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import lightning.pytorch as pl
 
 from ..health import BlockHealth
 from ..optim import Shampoo
-from ._health_table import gather_trainer_health, is_logging_step, local_block_keys, shampoo_optimizers
+from ._health_table import gather_trainer_health, local_block_keys, shampoo_optimizers
+from ._logging import cadence, is_due, write_metrics
 
 __all__ = ["FallbackRecord", "SGDFallback"]
 
@@ -75,6 +78,8 @@ class SGDFallback(pl.Callback):
         epsilon_multiplier: factor applied to the block's damping at each retry.
         max_retries: failed retries after which the block stays in fallback.
         check_every_n_steps: how often health is read (it synchronises with the device).
+        log_every_n_steps: how often the counters go to the loggers (``None``: the trainer's
+            ``log_every_n_steps``).
         prefix: metric namespace of the counters.
     """
 
@@ -86,6 +91,7 @@ class SGDFallback(pl.Callback):
         epsilon_multiplier: float = 10.0,
         max_retries: int = 3,
         check_every_n_steps: int = 10,
+        log_every_n_steps: int | None = None,
         prefix: str = "shampoo",
     ) -> None:
         if target not in ("sgd", "grafting"):
@@ -100,12 +106,15 @@ class SGDFallback(pl.Callback):
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1 or None, got {log_every_n_steps}")
         self.target = target
         self.max_condition_number = max_condition_number
         self.retry_after = retry_after
         self.epsilon_multiplier = epsilon_multiplier
         self.max_retries = max_retries
         self.check_every_n_steps = check_every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self.prefix = prefix
         self.records: dict[Key, FallbackRecord] = {}
         self.counters = {"switches": 0, "retries": 0, "recoveries": 0, "gave_up": 0}
@@ -132,10 +141,11 @@ class SGDFallback(pl.Callback):
             for index, optimizer in optimizers:
                 records = gather_trainer_health(trainer, optimizer).records
                 self._check(trainer, index, optimizer, records, step)
-        if not is_logging_step(trainer):
-            return  # the counters change on check steps only; the loggers read them on theirs
+        if not is_due(trainer, cadence(trainer, self.log_every_n_steps)):
+            return
         p = self.prefix
-        pl_module.log_dict(
+        write_metrics(
+            trainer,
             {
                 f"{p}/fallback_switches": float(self.counters["switches"]),
                 f"{p}/fallback_retries": float(self.counters["retries"]),
@@ -143,9 +153,6 @@ class SGDFallback(pl.Callback):
                 f"{p}/fallback_gave_up": float(self.counters["gave_up"]),
                 f"{p}/blocks_in_fallback": float(len(self.records)),
             },
-            on_step=True,
-            on_epoch=False,
-            logger=bool(trainer.loggers),
         )
 
     def state_dict(self) -> dict[str, Any]:

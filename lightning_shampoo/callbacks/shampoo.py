@@ -195,6 +195,7 @@ class ShampooCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._refuse_another(trainer)
         self._install(pl_module)
         # Before the checkpoint callbacks (Lightning keeps them last so that a checkpoint saved in
         # a hook sees the other callbacks' state of that step), and before checkpoint restore
@@ -209,8 +210,8 @@ class ShampooCallback(pl.Callback):
             if any(type(c) is type(component) for c in callbacks):
                 rank_zero_info(f"ShampooCallback: using the trainer's own {type(component).__name__}")
                 continue
-            component.log = pl_module.log  # type: ignore[attr-defined]  # as Lightning does
-            component.log_dict = pl_module.log_dict  # type: ignore[attr-defined]
+            if isinstance(component, PreconditionerHealthMonitor):
+                component.added_by = type(self).__name__
             callbacks.insert(at, component)
             at += 1
 
@@ -231,6 +232,17 @@ class ShampooCallback(pl.Callback):
         self._uninstall()
 
     # ------------------------------------------------------------------------------ internals
+
+    def _refuse_another(self, trainer: pl.Trainer) -> None:
+        """One drop-in per Trainer: a second would wrap the first one's Shampoo (or be ignored)."""
+        mine = [c for c in trainer.callbacks if isinstance(c, ShampooCallback)]  # type: ignore[attr-defined]
+        if len(mine) > 1:
+            for callback in reversed(mine):  # unwrap the module (the log setter may have wrapped it)
+                callback._uninstall()
+            raise ValueError(
+                f"Trainer(callbacks=...) holds {len(mine)} ShampooCallback instances; keep one: a "
+                "single ShampooCallback already replaces every optimizer that configure_optimizers returns"
+            )
 
     def _install(self, module: pl.LightningModule) -> None:
         """Replace ``module.configure_optimizers`` (an instance attribute; removed at teardown)."""
