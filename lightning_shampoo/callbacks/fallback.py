@@ -72,8 +72,9 @@ class SGDFallback(pl.Callback):
     Args:
         target: ``"grafting"`` (the group's grafting direction; SGD where there is none) or ``"sgd"``.
         max_condition_number: also switch blocks whose damped factors are worse conditioned than
-            this. ``None`` (default) disables the test: with Shampoo's tiny default epsilon,
-            rank-deficient factors legitimately reach ``κ ≈ λ_max / ε`` without harm.
+            this. ``None`` (default) disables the test: rank-deficient factors legitimately
+            reach ``κ ≈ 1 + 1/ε_rtol`` under the presets' relative damping (``λ_max / ε``
+            with an absolute ``ε`` alone) without harm.
         retry_after: steps between a switch (or failed retry) and the next retry.
         epsilon_multiplier: factor applied to the block's damping at each retry.
         max_retries: failed retries after which the block stays in fallback.
