@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning_helpers import cpu_trainer, digits
@@ -25,7 +26,7 @@ from lightning_shampoo import (
     Shampoo,
     ShampooCallback,
 )
-from lightning_shampoo.configure import PRESET_EPSILON_RTOL, resolve_preset
+from lightning_shampoo.configure import EPSILON_RTOL, configure_shampoo, resolve_preset, with_epsilon_rtol
 from lightning_shampoo.demo import DigitsClassifier
 from lightning_shampoo.linalg import (
     coupled_newton_inverse_root,
@@ -230,6 +231,49 @@ def test_the_drop_in_default_is_insensitive_to_rounding_level_input_changes(tmp_
     """A 1e-7 relative change of the inputs (float32 rounding level) moves the parameters after
     16 steps by ~1e-5 with the presets' relative damping, and by ~1e-2 with ``ε = 1e-12`` alone
     (Distributed Shampoo's rule: the rank-deficient factors' null space follows the rounding)."""
-    assert resolve_preset("shampoo").config.amortized_computation_config.epsilon_rtol == PRESET_EPSILON_RTOL
     assert _sensitivity(tmp_path, "shampoo") < 2e-5
     assert _sensitivity(tmp_path, RootInvShampooPreconditionerConfig()) > 1e-3  # epsilon_rtol = 0
+
+
+def _rtol(config: Any) -> float:
+    return config.amortized_computation_config.epsilon_rtol
+
+
+@pytest.mark.parametrize("preconditioner", ["shampoo", "eigen", "kl_shampoo"])
+def test_the_drop_ins_shampoo_presets_damp_relative_to_each_factor(preconditioner: str) -> None:
+    assert _rtol(ShampooCallback(preconditioner).options["preconditioner_config"]) == EPSILON_RTOL
+
+
+def test_which_presets_and_configs_carry_the_relative_damping() -> None:
+    """``configure_shampoo``'s ``"shampoo"``/``"eigen"`` keep ``ε`` alone (the damping moved their
+    best lr on the suite's CNN); ``"kl_shampoo"`` has it; a config passed in is used as given."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    for name, expected in (("shampoo", 0.0), ("eigen", 0.0), ("kl_shampoo", EPSILON_RTOL)):
+        optimizer = configure_shampoo(model, name)
+        assert isinstance(optimizer, Shampoo)
+        assert _rtol(optimizer.param_groups[0]["preconditioner_config"]) == expected, name
+    mine = RootInvShampooPreconditionerConfig()
+    assert ShampooCallback(mine).options["preconditioner_config"] is mine
+    soap = resolve_preset("soap").config
+    assert with_epsilon_rtol(soap, 1e-3) is soap  # SOAP inverts no factor
+    damped = with_epsilon_rtol(KLShampooPreconditionerConfig(eigenvalue_correction=True), 1e-3)
+    assert isinstance(damped, KLShampooPreconditionerConfig) and damped.eigenvalue_correction
+    assert _rtol(damped) == 1e-3
+
+
+class _NoOptimizer(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = DigitsClassifier(channels=4, hidden=16).net
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+
+def test_a_module_without_optimizer_gets_the_drop_ins_damping(tmp_path: Path) -> None:
+    trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[ShampooCallback(health_monitor=False)])
+    trainer.fit(_NoOptimizer(), datamodule=digits())
+    configs = [g["preconditioner_config"] for g in trainer.optimizers[0].param_groups]
+    factored = [c for c in configs if isinstance(c, RootInvShampooPreconditionerConfig)]
+    assert factored and all(_rtol(c) == EPSILON_RTOL for c in factored)

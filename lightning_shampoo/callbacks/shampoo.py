@@ -12,6 +12,7 @@ defaults. The callback also adds ``PreconditionFrequencyScheduler``, ``SGDFallba
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +23,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from .._translate import translate_optimizer, translate_output
-from ..configure import _CONSTRUCTOR_ONLY, GROUP_KEYS, Preset, configure_shampoo, resolve_preset
+from ..configure import (
+    _CONSTRUCTOR_ONLY,
+    EPSILON_RTOL,
+    GROUP_KEYS,
+    Preset,
+    configure_shampoo,
+    resolve_preset,
+    with_epsilon_rtol,
+)
 from ..optim import Shampoo
 from ..preconditioners import (
     AdamPreconditionerConfig,
@@ -66,7 +75,11 @@ class ShampooCallback(pl.Callback):
 
     Args:
         preconditioner: a preset name of ``configure_shampoo`` (``"shampoo"``, ``"eigen"``,
-            ``"kl_shampoo"``, ``"soap"``, ``"psgd_kron"``, ``"adam"``) or a preconditioner config.
+            ``"kl_shampoo"``, ``"soap"``, ``"psgd_kron"``, ``"adam"``) or a preconditioner config
+            (used as given). The Shampoo presets get the relative damping
+            ``ε + EPSILON_RTOL·λ_max`` per factor here (``configure.EPSILON_RTOL``): a
+            rounding-level change of the data then moves the run ~1e-5, not ~1e-2, at the same
+            steps on the convergence suite.
             ``"muon"`` needs per-parameter groups (spectral descent takes matrices only) and is
             only available through ``configure_shampoo``.
         precondition_frequency, start_preconditioning_step, max_preconditioner_dim, epsilon: the
@@ -106,6 +119,8 @@ class ShampooCallback(pl.Callback):
         **shampoo_kwargs: Any,
     ) -> None:
         self.preset: Preset = resolve_preset(preconditioner)
+        if isinstance(preconditioner, str):  # the drop-in's recipe: damping relative to each factor
+            self.preset = replace(self.preset, config=with_epsilon_rtol(self.preset.config, EPSILON_RTOL))
         if isinstance(self.preset.config, SpectralDescentPreconditionerConfig):
             raise ValueError(
                 "preconditioner: spectral descent (muon) takes matrices only, and the wrapped optimizer's "
@@ -302,7 +317,7 @@ class ShampooCallback(pl.Callback):
         options.pop("preconditioner_config")
         options.pop("skip_preconditioning_rank_lt")  # moot: configure_shampoo puts vectors on Adam
         betas = None if self.beta2 is None else (self.preset.betas[0], self.beta2)
-        result = configure_shampoo(module, self.preconditioner, betas=betas, **options)
+        result = configure_shampoo(module, self.preset.config, betas=betas, **options)
         self.optimizers.append(result if isinstance(result, Shampoo) else result["optimizer"])
         return result
 
