@@ -83,13 +83,21 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 def _preset_config(name: str, overrides: dict[str, Any]) -> str | PreconditionerConfig:
     """``name``, or its preset config with the ``config.<field>`` overrides applied (``config.qr``:
-    warm-started QR eigendecompositions, the reference SOAP's refresh as documented runs used)."""
+    warm-started QR eigendecompositions, the reference SOAP's refresh as documented runs used;
+    ``config.amortized.<field>``: a field of its ``amortized_computation_config``, e.g.
+    ``config.amortized.epsilon_rtol=0``)."""
     fields = {k.removeprefix("config."): overrides.pop(k) for k in list(overrides) if k.startswith("config.")}
     if not fields:
         return name
+    prefix = "amortized."
+    amortized = {k.removeprefix(prefix): fields.pop(k) for k in list(fields) if k.startswith(prefix)}
+    config = resolve_preset(name).config
     if fields.pop("qr", False):
         fields["amortized_computation_config"] = QREigendecompositionConfig(reference_soap=True)
-    return replace(resolve_preset(name).config, **fields)
+    if amortized:
+        base = fields.get("amortized_computation_config", config.amortized_computation_config)
+        fields["amortized_computation_config"] = replace(base, **amortized)
+    return replace(config, **fields)
 
 
 def _preset(name: str, overrides: dict[str, Any]) -> Callable[[nn.Module, float, int, int], Any]:
@@ -111,6 +119,9 @@ def _preset(name: str, overrides: dict[str, Any]) -> Callable[[nn.Module, float,
 
 
 def _callback(overrides: dict[str, Any]) -> Callable[[], list[pl.Callback]]:
+    if any(k.startswith("config.") for k in overrides):
+        overrides["preconditioner"] = _preset_config(overrides.pop("preconditioner", "shampoo"), overrides)
+
     def callbacks() -> list[pl.Callback]:
         # The defaults, except that the health table is not printed after each of the many runs.
         options = {"health_monitor": PreconditionerHealthMonitor(print_table=False), **overrides}

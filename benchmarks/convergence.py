@@ -120,23 +120,28 @@ class Recorder(pl.Callback):
             self.evaluate(trainer, pl_module)
 
 
-def run_one(task: Task, spec: Spec, lr: float) -> dict[str, Any]:
-    """Train ``task`` with ``spec`` at ``lr``; the run's record (JSON-serialisable)."""
-    recorder = Recorder(task)
-    module = BenchModule(task, spec, lr)
-    trainer = pl.Trainer(
+def bench_trainer(task: Task, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A quiet CPU trainer for ``task.steps`` training steps (no logger, no checkpoints)."""
+    return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=task.steps,
         max_epochs=-1,
         logger=False,
-        callbacks=[recorder, *spec.callbacks()],
+        callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
+
+
+def run_one(task: Task, spec: Spec, lr: float) -> dict[str, Any]:
+    """Train ``task`` with ``spec`` at ``lr``; the run's record (JSON-serialisable)."""
+    recorder = Recorder(task)
+    module = BenchModule(task, spec, lr)
+    trainer = bench_trainer(task, [recorder, *spec.callbacks()])
     error = None
     try:
         trainer.fit(module)

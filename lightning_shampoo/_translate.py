@@ -142,7 +142,10 @@ def translate_optimizer(
     counter = 0
     for g, group in enumerate(optimizer.param_groups):
         where = f"{kind.__name__} param group {g}"
-        translated = _translate_group(kind, group, where)
+        try:
+            translated = _translate_group(kind, group, where)
+        except ValueError as error:
+            raise _from_source(error, kind, where) from error
         beta1 = translated.pop("beta1")
         beta = factor_beta
         if beta is None:
@@ -159,7 +162,33 @@ def translate_optimizer(
             params.append((name, p))
             counter += 1
         groups.append({**extra, **options, **translated, "betas": (beta1, beta), "params": params})
-    return Shampoo(groups, **constructor)
+    try:
+        return Shampoo(groups, **constructor)
+    except ValueError as error:
+        failing = _failing_group(groups)
+        failed_at = None if failing is None else f"{kind.__name__} param group {failing}"
+        raise _from_source(error, kind, failed_at) from error
+
+
+def _from_source(error: ValueError, kind: type, where: str | None) -> ValueError:
+    """``error`` said to come from the wrapped optimizer's values (which group, when known)."""
+    message = str(error)
+    if where is not None and not message.startswith(where):
+        message = f"{where}: {message}"
+    return ValueError(
+        f"{message} — from the wrapped torch.optim.{kind.__name__}'s values, translated into Shampoo "
+        "by ShampooCallback; fix them where configure_optimizers builds that optimizer"
+    )
+
+
+def _failing_group(groups: list[dict[str, Any]]) -> int | None:
+    """Index of the first translated group that Shampoo's checks refuse on its own."""
+    for g, group in enumerate(groups):
+        try:
+            Shampoo([group])
+        except ValueError:
+            return g
+    return None
 
 
 def _track_step_called(optimizer: torch.optim.Optimizer) -> None:

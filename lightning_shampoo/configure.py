@@ -10,11 +10,18 @@ AdamW's best or one half-decade above it):
                 factor EMA β 0.95, epsilon 1e-12, refresh every 10 steps, blocks ≤ 1024. The
                 factor β 0.95 (Distributed Shampoo uses 0.999) lowered the final loss of every
                 task of the suite at the same step cost; epsilon 1e-8/1e-6, refreshes every
-                5/20 steps and the exponent ½ per factor were no better
+                5/20 steps and the exponent ½ per factor were no better. Not damped relative
+                to the factors' scale (``EigenConfig(epsilon_rtol=EPSILON_RTOL)``, which the
+                drop-in ``ShampooCallback`` uses): that makes the run ~1000× less sensitive to
+                rounding-level changes of the data, but moved this preset's best lr on the
+                suite's CNN down a grid step (steps to AdamW's loss 0.45–0.62× → 0.60–0.68× over
+                three seeds; docs/benchmarks.md, "Perturbation sensitivity")
 ``eigen``       the same with a stored eigendecomposition (cheaper partial refreshes, drift test)
 ``kl_shampoo``  KL-Shampoo grafted on Adam, factor β 0.95 (better than 0.999 on every task),
                 epsilon 1e-8 (its factor updates apply the other factors' inverse roots, which a
-                1e-12 damping lets blow up on rank-deficient early statistics)
+                1e-12 damping lets blow up on rank-deficient early statistics) plus the relative
+                damping ``EPSILON_RTOL·λ_max`` (input-change sensitivity 1e-3 → 1e-4, and fewer
+                steps to AdamW's loss on every digits task)
 ``soap``        SOAP: betas (0.95, 0.95), epsilon 1e-8, refresh every 10 steps, no grafting (it
                 is Adam in the eigenbasis), dims not merged (``use_merge_dims=False``, as in the
                 reference SOAP: merging a ``[16, 1, 3, 3]`` kernel into one 144-long block
@@ -58,6 +65,7 @@ from .preconditioners import (
     AdamPreconditionerConfig,
     EigendecomposedShampooPreconditionerConfig,
     EigenvalueCorrectedShampooPreconditionerConfig,
+    EighEigendecompositionConfig,
     KLShampooPreconditionerConfig,
     PreconditionerConfig,
     RootInvShampooPreconditionerConfig,
@@ -65,12 +73,35 @@ from .preconditioners import (
 )
 from .schedules import WarmupConstant, WarmupCosine, WarmupLinear
 
-__all__ = ["PRESET_NAMES", "Preset", "configure_shampoo", "resolve_preset"]
+__all__ = [
+    "EPSILON_RTOL",
+    "PRESET_NAMES",
+    "Preset",
+    "configure_shampoo",
+    "resolve_preset",
+    "with_epsilon_rtol",
+]
 
 PRESET_NAMES = ("shampoo", "eigen", "kl_shampoo", "soap", "psgd_kron", "adam", "muon")
 SCHEDULES = {"cosine": WarmupCosine, "linear": WarmupLinear, "constant": WarmupConstant}
 #: ``(β₁, factor EMA β)`` of the Shampoo presets (the convergence suite's recipe).
 SHAMPOO_BETAS = (0.9, 0.95)
+#: Relative damping ``ε_rtol`` (``ε + ε_rtol·λ_max`` per factor) of the ``kl_shampoo`` preset and
+#: of ``ShampooCallback``'s Shampoo presets: above the float32 rounding of a factor's spectrum
+#: (a 1e-7 input change then moves the parameters ~1e-5, not ~1e-2), below what cost the drop-in
+#: steps on the convergence suite (1e-4 did, on the CNN).
+EPSILON_RTOL = 3e-5
+_INVERTS_FACTORS = (RootInvShampooPreconditionerConfig, EigendecomposedShampooPreconditionerConfig)
+
+
+def with_epsilon_rtol(config: PreconditionerConfig, epsilon_rtol: float) -> PreconditionerConfig:
+    """``config`` with its ``amortized_computation_config.epsilon_rtol`` set; configs that
+    invert no factor (SOAP, the diagonal and descent families) are returned as they are."""
+    if not isinstance(config, _INVERTS_FACTORS):
+        return config
+    amortized = replace(config.amortized_computation_config, epsilon_rtol=epsilon_rtol)
+    return replace(config, amortized_computation_config=amortized)  # type: ignore[arg-type]  # same family
+
 
 #: Shampoo param-group keys (everything ``Shampoo.__init__`` takes except ``params`` and the
 #: constructor-only switches).
@@ -117,7 +148,9 @@ def _preset(name: str) -> Preset:
     if name == "eigen":
         return Preset(name, EigendecomposedShampooPreconditionerConfig(), betas=SHAMPOO_BETAS)
     if name == "kl_shampoo":
-        return Preset(name, KLShampooPreconditionerConfig(), betas=SHAMPOO_BETAS, epsilon=1e-8)
+        basis = EighEigendecompositionConfig(epsilon_rtol=EPSILON_RTOL)
+        kl = KLShampooPreconditionerConfig(amortized_computation_config=basis)
+        return Preset(name, kl, betas=SHAMPOO_BETAS, epsilon=1e-8)
     if name == "soap":
         return Preset(
             name,

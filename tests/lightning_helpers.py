@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from conftest import DIST_ENV  # noqa: F401  (re-exported for subprocess environments)
+from conftest import DIST_ENV
 
 from lightning_shampoo import AdamPreconditionerConfig, Shampoo
 from lightning_shampoo.demo import DigitsClassifier, DigitsDataModule
@@ -75,6 +78,26 @@ def cpu_trainer(root: Path, **kwargs: Any) -> pl.Trainer:
 def read_csv_metrics(path: Path) -> list[dict[str, float]]:
     with path.open() as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def run_two_ranks(script: str, out: Path, timeout: float = 300) -> None:
+    """Run ``script`` (Python source, given ``out`` as its argument) on 2 CPU ranks with
+    ``torch.distributed.run`` in a clean environment; fail with its output if it fails."""
+    path = out / "two_ranks.py"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launch, str(path), str(out)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def figures(row: dict[str, float]) -> dict[str, float]:
+    """A logged row or history entry without its ``"step"``."""
+    return {k: v for k, v in row.items() if k != "step"}
 
 
 def finite_params(module: torch.nn.Module) -> bool:

@@ -231,21 +231,26 @@ def test_no_retries_means_staying_in_fallback(tmp_path: Path, monkeypatch: pytes
     assert all(seen.finite.values())
 
 
-def test_counters_are_logged_on_the_loggers_steps_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("every", "expected"), [(None, [4, 8, 12]), (6, [6, 12])])
+def test_counters_reach_the_loggers_on_their_logging_steps_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int | None, expected: list[int]
 ) -> None:
-    """Checks run on their own cadence (every 3 steps) but the counters go through ``log_dict`` only
-    on the Trainer's logging steps (every 4): Lightning would drop the others, at ~0.3 ms per key."""
-    logged_at: list[int] = []
-    original = pl.LightningModule.log_dict
+    """Checks run on their own cadence (every 3 steps); the counters are written to the loggers
+    every ``log_every_n_steps`` (``None``: the Trainer's, 4) and on no other step, without going
+    through ``pl_module.log`` (which would repeat stale values on the trainer's logging steps)."""
+    written: list[int] = []
+    original = CSVLogger.log_metrics
 
-    def log_dict(self: pl.LightningModule, metrics: dict, *args: Any, **kwargs: Any) -> None:
+    def log_metrics(self: CSVLogger, metrics: dict, step: int | None = None) -> None:
         if "shampoo/fallback_switches" in metrics:
-            logged_at.append(self.trainer.global_step)
-        original(self, metrics, *args, **kwargs)
+            written.append(step)
+        original(self, metrics, step)
 
-    monkeypatch.setattr(pl.LightningModule, "log_dict", log_dict)
-    fallback = SGDFallback(check_every_n_steps=3)
+    monkeypatch.setattr(CSVLogger, "log_metrics", log_metrics)
+    monkeypatch.setattr(
+        pl.LightningModule, "log_dict", lambda *a, **k: pytest.fail("the fallback must not use log_dict")
+    )
+    fallback = SGDFallback(check_every_n_steps=3, log_every_n_steps=every)
     failures = EighFailures(range(2, 4))
     monkeypatch.setattr(torch.linalg, "eigh", failures.eigh)
     trainer = cpu_trainer(
@@ -256,11 +261,13 @@ def test_counters_are_logged_on_the_loggers_steps_only(
         callbacks=[failures, fallback],
     )
     trainer.fit(ShampooDigits(), datamodule=digits())
-    assert logged_at == [4, 8, 12]
+    assert written == [s - 1 for s in expected]  # Lightning's 0-based step of those global steps
     assert fallback.counters["switches"] == 4  # the check at step 3 still switched every weight block
     rows = [
         r
         for r in read_csv_metrics(Path(trainer.logger.log_dir) / "metrics.csv")
         if "shampoo/fallback_switches" in r
     ]
-    assert [r["shampoo/fallback_switches"] for r in rows] == [4.0, 4.0, 4.0]
+    assert [int(r["step"]) + 1 for r in rows] == expected
+    assert [r["shampoo/fallback_switches"] for r in rows] == [4.0] * len(expected)
+    assert [r["shampoo/blocks_in_fallback"] for r in rows] == [4.0] * len(expected)

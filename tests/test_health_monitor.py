@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
+import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning_helpers import (
-    DIST_ENV,
     ShampooDigits,
     cpu_trainer,
     digits,
+    figures,
     read_csv_metrics,
+    run_two_ranks,
 )
 from rich.console import Console
 
@@ -148,14 +148,15 @@ def test_tensorboard_gets_eigenvalue_spectra_per_layer(tmp_path: Path) -> None:
         for h in factored
         for i in (0, 1)[: len(h.condition_numbers)]
     }
+    scalars = [e.step for e in events.Scalars("shampoo/condition_number_max")]
+    assert scalars == [2, 5]  # Lightning's 0-based step of global steps 3 and 6
     for h in factored:
         series = events.Histograms(f"shampoo_spectra/{h.param_name}/factor0_log10_eigenvalues")
-        assert [e.step for e in series] == [3, 6]
+        assert [e.step for e in series] == scalars  # histograms on the scalars' x-axis
         last = series[-1].histogram_value
         assert last.num == h.shape[0]  # one eigenvalue per row of the first factor
         # the spectrum's top is the largest eigenvalue the last refresh (step 6) recorded
         assert last.max == pytest.approx(math.log10(h.max_eigenvalues[0]), abs=1e-3)
-    assert "shampoo/condition_number_max" in events.Tags()["scalars"]
 
 
 @pytest.mark.parametrize("top_k", ["all", None, 0])
@@ -169,15 +170,37 @@ def test_per_layer_detail_modes(tmp_path: Path, top_k: str | None) -> None:
     assert set(trainer.callback_metrics) >= {f"shampoo/{k}" for k in OVERALL}
 
 
-def test_warns_when_cadences_differ_and_when_there_is_no_shampoo(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="not a multiple"):
-        cpu_trainer(
-            tmp_path, max_steps=1, log_every_n_steps=4, callbacks=[PreconditionerHealthMonitor(6)]
-        ).fit(ShampooDigits(), datamodule=digits())
-    with pytest.warns(UserWarning, match="repeats the last"):
-        cpu_trainer(
-            tmp_path, max_steps=1, log_every_n_steps=4, callbacks=[PreconditionerHealthMonitor(8)]
-        ).fit(ShampooDigits(), datamodule=digits())
+def _health_rows(trainer: pl.Trainer) -> list[dict[str, float]]:
+    """The CSV rows that carry health figures (one per logging step of the monitor)."""
+    rows = read_csv_metrics(Path(trainer.logger.log_dir) / "metrics.csv")
+    return [r for r in rows if any(k.startswith("shampoo/") for k in r)]
+
+
+@pytest.mark.parametrize(("own", "expected"), [(6, [6, 12, 18]), (8, [8, 16]), (3, [3, 6, 9, 12, 15, 18])])
+def test_its_own_cadence_reaches_the_loggers_exactly_without_warnings(
+    tmp_path: Path, own: int, expected: list[int]
+) -> None:
+    """Trainer cadence 4: the monitor's figures reach the CSV at exactly its own steps — not the
+    trainer's, not both, never a stale copy on a later step — and nothing warns about it."""
+    monitor = PreconditionerHealthMonitor(own, print_table=False)
+    trainer = cpu_trainer(
+        tmp_path, max_steps=18, log_every_n_steps=4, logger=CSVLogger(tmp_path), callbacks=[monitor]
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(PreconditionerHealthMonitor|log_every_n_steps).*")
+        trainer.fit(ShampooDigits(), datamodule=digits())
+    rows = _health_rows(trainer)
+    assert [int(r["step"]) + 1 for r in rows] == expected  # CSV steps are 0-based
+    assert [h["step"] for h in monitor.history] == [float(s) for s in expected]
+    for row, logged in zip(rows, monitor.history, strict=True):
+        assert figures(row) == figures(logged)
+    # the loss Lightning logs every 4 steps lines up with the health rows on shared steps
+    every_row = read_csv_metrics(Path(trainer.logger.log_dir) / "metrics.csv")
+    loss_steps = {int(r["step"]) + 1 for r in every_row if "train/loss_step" in r}
+    assert {s for s in expected if s % 4 == 0} <= loss_steps
+
+
+def test_warns_when_there_is_no_shampoo(tmp_path: Path) -> None:
     monitor = PreconditionerHealthMonitor(log_every_n_steps=1)
     with pytest.warns(UserWarning, match="no Shampoo optimizer"):
         cpu_trainer(tmp_path, max_steps=2, log_every_n_steps=1, callbacks=[monitor]).fit(
@@ -206,7 +229,8 @@ def test_gradient_accumulation_logs_once_per_optimizer_step(
     )
     trainer.fit(ShampooDigits(), datamodule=digits())
     assert trainer.fit_loop.epoch_loop.batch_progress.current.completed == 12
-    assert [h["step"] for h in monitor.history] == [2.0, 4.0] and len(calls) == 2
+    # health read on the two logging steps and once at the end (the never-preconditioned check)
+    assert [h["step"] for h in monitor.history] == [2.0, 4.0] and len(calls) == 3
 
 
 def test_health_metrics_leave_unknown_figures_out() -> None:
@@ -308,16 +332,7 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_two_ranks_log_identical_keys_and_values_and_take_identical_fallback_decisions(
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "ddp_health.py"
-    script.write_text(DDP_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*launch, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_two_ranks(DDP_SCRIPT, tmp_path, timeout=240)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     history = [r["history"] for r in ranks]
@@ -342,4 +357,8 @@ def test_ddp_two_ranks_log_identical_keys_and_values_and_take_identical_fallback
         h["shampoo/condition_number_max"] for h in history[0]
     ]
     assert torch.isfinite(torch.tensor([r["shampoo/condition_number_max"] for r in logged])).all()
-    assert [r["shampoo/fallback_switches"] for r in logged] == [4.0, 4.0]
+    # the fallback's counters: written by rank 0 once per logging step, at the health rows' steps
+    counters = [r for r in rows if "shampoo/fallback_switches" in r]
+    assert [r["step"] for r in counters] == [r["step"] for r in logged] == [2.0, 5.0]
+    assert [r["shampoo/fallback_switches"] for r in counters] == [4.0, 4.0]
+    assert [r["shampoo/blocks_in_fallback"] for r in counters] == [4.0, 4.0]

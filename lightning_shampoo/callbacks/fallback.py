@@ -15,8 +15,10 @@ decisions — and:
   its failure count did not, its condition number is acceptable), or, after ``max_retries``
   failed retries, leaves it in fallback for good.
 
-Training never stops for any of it; every switch is logged (python ``logging`` on rank 0, and
-counters through ``pl_module.log``). The state lives in the checkpoint (plain values only).
+Training never stops for any of it; every switch is logged (python ``logging`` on rank 0), and
+the counters go to the trainer's loggers every ``log_every_n_steps`` (the trainer's by default),
+written directly at the step of the batch's training metrics like the health monitor's figures.
+The state lives in the checkpoint (plain values only).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from .._checks import (
 )
 from ..health import BlockHealth
 from ..optim import Shampoo
-from ._health_table import gather_trainer_health, is_logging_step, local_block_keys, shampoo_optimizers
+from ._health_table import gather_trainer_health, local_block_keys, shampoo_optimizers
+from ._logging import cadence, is_due, write_metrics
 
 __all__ = ["FallbackRecord", "SGDFallback"]
 
@@ -77,14 +80,17 @@ class SGDFallback(pl.Callback):
     Args:
         target: ``"grafting"`` (the group's grafting direction; SGD where there is none) or ``"sgd"``.
         max_condition_number: also switch blocks whose damped factors are worse conditioned than
-            this. ``None`` (default) disables the test: with Shampoo's tiny default epsilon,
-            rank-deficient factors legitimately reach ``κ ≈ λ_max / ε`` without harm.
+            this. ``None`` (default) disables the test: rank-deficient factors legitimately
+            reach ``κ ≈ 1 + 1/ε_rtol`` under the presets' relative damping (``λ_max / ε``
+            with an absolute ``ε`` alone) without harm.
         retry_after: steps between a switch (or failed retry) and the next retry.
         epsilon_multiplier: factor applied to the block's damping at each retry.
         max_retries: failed retries after which the block stays in fallback.
             ``epsilon_multiplier ** max_retries`` may not exceed ``MAX_EPSILON_SCALE`` (1e30, the
             cap on a block's damping multiplier, which compounding retries reach by themselves).
         check_every_n_steps: how often health is read (it synchronises with the device).
+        log_every_n_steps: how often the counters go to the loggers (``None``: the trainer's
+            ``log_every_n_steps``).
         prefix: metric namespace of the counters.
     """
 
@@ -96,6 +102,7 @@ class SGDFallback(pl.Callback):
         epsilon_multiplier: float = 10.0,
         max_retries: int = 3,
         check_every_n_steps: int = 10,
+        log_every_n_steps: int | None = None,
         prefix: str = "shampoo",
     ) -> None:
         require_choice("target", target, ("sgd", "grafting"))
@@ -111,12 +118,14 @@ class SGDFallback(pl.Callback):
             )
         require_int("check_every_n_steps", check_every_n_steps, low=1)
         require_str("prefix", prefix)
+        require_int("log_every_n_steps", log_every_n_steps, low=1, allow_none=True)
         self.target = target
         self.max_condition_number = max_condition_number
         self.retry_after = retry_after
         self.epsilon_multiplier = epsilon_multiplier
         self.max_retries = max_retries
         self.check_every_n_steps = check_every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self.prefix = prefix
         self.records: dict[Key, FallbackRecord] = {}
         self.counters = {"switches": 0, "retries": 0, "recoveries": 0, "gave_up": 0}
@@ -143,10 +152,11 @@ class SGDFallback(pl.Callback):
             for index, optimizer in optimizers:
                 records = gather_trainer_health(trainer, optimizer).records
                 self._check(trainer, index, optimizer, records, step)
-        if not is_logging_step(trainer):
-            return  # the counters change on check steps only; the loggers read them on theirs
+        if not is_due(trainer, cadence(trainer, self.log_every_n_steps)):
+            return
         p = self.prefix
-        pl_module.log_dict(
+        write_metrics(
+            trainer,
             {
                 f"{p}/fallback_switches": float(self.counters["switches"]),
                 f"{p}/fallback_retries": float(self.counters["retries"]),
@@ -154,9 +164,6 @@ class SGDFallback(pl.Callback):
                 f"{p}/fallback_gave_up": float(self.counters["gave_up"]),
                 f"{p}/blocks_in_fallback": float(len(self.records)),
             },
-            on_step=True,
-            on_epoch=False,
-            logger=bool(trainer.loggers),
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,8 +5,9 @@ Before each training batch it writes ``precondition_frequency`` (and optionally
 param group of every ``Shampoo``, evaluated at the optimizer step about to run (the group's
 ``step + 1``, so gradient accumulation and several optimizers are handled). After a step on which
 a refresh was due it reads the optimizer's per-block counters and reports block refreshes done
-and skipped (cumulative): attributes ``refreshes`` / ``refreshes_skipped`` and, through
-``pl_module.log``, ``shampoo/refreshes``, ``shampoo/refreshes_skipped`` and
+and skipped (cumulative): attributes ``refreshes`` / ``refreshes_skipped`` and, written to the
+trainer's loggers at each such step (at the step of the batch's training metrics, whatever the
+trainer's ``log_every_n_steps``), ``shampoo/refreshes``, ``shampoo/refreshes_skipped`` and
 ``shampoo/precondition_frequency``. Reading counters synchronises with the device, so it happens
 only on refresh steps, which synchronise anyway.
 """
@@ -22,6 +23,7 @@ import torch
 from .._checks import describe, require_bool, require_int, require_str
 from ..optim import Shampoo
 from ..schedules import AdaptiveFrequency, FrequencySchedule, FrequencyScheduleSpec, make_frequency_schedule
+from ._logging import write_metrics
 
 __all__ = ["PreconditionFrequencyScheduler", "refresh_counts"]
 
@@ -41,7 +43,7 @@ class PreconditionFrequencyScheduler(pl.Callback):
             of ``lightning_shampoo.schedules``, or a callable ``step -> int`` (``None`` keeps the
             group's value).
         start_preconditioning_step: also set this in every group (``None``: leave it).
-        log_metrics: report refresh counters through ``pl_module.log``.
+        log_metrics: write the refresh counters to the trainer's loggers on refresh steps.
         prefix: metric namespace.
         only: manage only these optimizers (a live sequence, read at every step; ``None``: every
             ``Shampoo`` of the trainer).
@@ -134,7 +136,8 @@ class PreconditionFrequencyScheduler(pl.Callback):
         self.refreshes_skipped = sum(s for _, s in self._counts.values())
         if self.log_metrics:
             first = optimizers[min(optimizers)]
-            pl_module.log_dict(
+            write_metrics(
+                trainer,
                 {
                     f"{self.prefix}/refreshes": float(self.refreshes),
                     f"{self.prefix}/refreshes_skipped": float(self.refreshes_skipped),
@@ -142,8 +145,6 @@ class PreconditionFrequencyScheduler(pl.Callback):
                         first.param_groups[0]["precondition_frequency"]
                     ),
                 },
-                on_step=True,
-                on_epoch=False,
             )
 
     def _shampoos(self, trainer: pl.Trainer) -> list[tuple[int, Shampoo]]:

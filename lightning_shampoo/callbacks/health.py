@@ -1,8 +1,9 @@
 """``PreconditionerHealthMonitor``: preconditioner health in every Lightning logger.
 
-Health is read only on logging steps (``optimizer.health()`` synchronises with the device), and
-it reaches every rank through one summed collective (see ``_health_table``), so every rank logs
-the same keys with the same values — a key logged on one rank only would hang a DDP job.
+Health is read only on the monitor's logging steps (``optimizer.health()`` synchronises with the
+device), and it reaches every rank through one summed collective (see ``_health_table``), so every
+rank holds the same keys with the same values. The figures go straight to ``trainer.loggers`` at
+the step of the batch's training metrics (``_logging``), so the monitor's cadence is its own.
 
 Why not torchmetrics: a health snapshot is not a metric accumulated over batches, and
 torchmetrics synchronises each state with its own collective (``cat`` states for a median are an
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 
@@ -28,8 +29,15 @@ from .._checks import describe, require_bool, require_int, require_str
 from ..health import BlockHealth, summarize
 from ..optim import Shampoo
 from ._health_table import HealthSnapshot, gather_trainer_health, shampoo_optimizers
+from ._logging import batches_that_stepped, cadence, is_due, write_metrics
 
-__all__ = ["PreconditionerHealthMonitor", "health_metrics", "render_health_table"]
+__all__ = [
+    "PreconditionerHealthMonitor",
+    "first_refresh_steps",
+    "health_metrics",
+    "never_preconditioned",
+    "render_health_table",
+]
 
 _LAYER_FIELDS = (
     "condition_number_max",
@@ -104,20 +112,66 @@ def _fmt(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.3g}"
 
 
-def render_health_table(records: Sequence[BlockHealth], rows: int = 10, title: str | None = None) -> Table:
+def first_refresh_steps(optimizer: Shampoo) -> dict[int, float]:
+    """Each param group's first scheduled refresh: its ``start_preconditioning_step`` (resolved at
+    construction; ``inf``: never). Before it a block takes its grafting direction alone."""
+    return {g: float(group["start_preconditioning_step"]) for g, group in enumerate(optimizer.param_groups)}
+
+
+def _at(step: float) -> str:
+    return f"step {int(step)}" if math.isfinite(step) else "no step (start_preconditioning_step=inf)"
+
+
+def _never(record: BlockHealth, first_refresh: Mapping[int, float]) -> str:
+    """Why a factored block has never been refreshed, as short as the table's column allows."""
+    due = first_refresh.get(record.group, math.nan)
+    if record.step < due:
+        return f"never (first refresh at {_at(due)})"
+    return "never (every refresh failed)" if record.failure_count else "never"
+
+
+def never_preconditioned(records: Sequence[BlockHealth], first_refresh: Mapping[int, float]) -> str | None:
+    """A sentence saying why, when no block with Kronecker factors was ever refreshed (so every
+    block took its grafting direction: the wrapped optimizer's update); ``None`` otherwise."""
+    factored = [r for r in records if r.condition_numbers]
+    if not factored or any(r.last_refresh_step >= 0 for r in factored):
+        return None
+    step = max(r.step for r in factored)
+    due = min(first_refresh.get(r.group, math.nan) for r in factored)
+    if step < due:
+        why = f"the run stopped at step {step}, before the first refresh at {_at(due)}"
+        hint = "; train longer or lower start_preconditioning_step"
+    elif any(r.failure_count for r in factored):
+        why, hint = "every refresh failed (see the failures column)", ""
+    else:
+        why, hint = "no refresh has run yet", ""
+    return f"no block was preconditioned: {why}; every block took its grafting direction{hint}"
+
+
+def render_health_table(
+    records: Sequence[BlockHealth],
+    rows: int = 10,
+    title: str | None = None,
+    first_refresh: Mapping[int, float] | None = None,
+) -> Table:
     """A ``rich`` table of the ``rows`` worst blocks (trouble first, then condition number).
-    ``stale``: steps since the block's last successful refresh; ``ε×``: its damping multiplier."""
+    ``stale``: steps since the block's last successful refresh, or why it has none
+    (``first_refresh``: :func:`first_refresh_steps`); ``ε×``: its damping multiplier."""
+    first_refresh = first_refresh or {}
     worst = sorted(records, key=lambda r: _badness([r]), reverse=True)[:rows]
     step = max((r.step for r in records), default=0)
     summary = summarize(records)
     cond_max, cond_median = summary["condition_number_max"], summary["condition_number_median"]
+    caption = (
+        f"κ max {_fmt(cond_max)}, median {_fmt(cond_median)}"
+        f" · failures {int(summary['failures'])} · non-finite grads {int(summary['nonfinite_grads'])}"
+        f" · blocks in fallback {int(summary['blocks_in_fallback'])}"
+    )
+    if note := never_preconditioned(records, first_refresh):
+        caption += f"\n{note}"
     table = Table(
         title=title or f"Shampoo preconditioner health at step {step}: worst {len(worst)} of {len(records)}",
-        caption=(
-            f"κ max {_fmt(cond_max)}, median {_fmt(cond_median)}"
-            f" · failures {int(summary['failures'])} · non-finite grads {int(summary['nonfinite_grads'])}"
-            f" · blocks in fallback {int(summary['blocks_in_fallback'])}"
-        ),
+        caption=caption,
     )
     for column in ("layer", "block", "shape", "preconditioner"):
         table.add_column(column, overflow="fold")
@@ -126,7 +180,7 @@ def render_health_table(records: Sequence[BlockHealth], rows: int = 10, title: s
     table.add_column("fallback", no_wrap=True)
     for r in worst:
         since = r.steps_since_refresh
-        stale = "—" if not r.condition_numbers else ("never" if since is None else str(since))
+        stale = "—" if not r.condition_numbers else _never(r, first_refresh) if since is None else str(since)
         table.add_row(
             r.param_name,
             str(r.block_index),
@@ -145,12 +199,13 @@ def render_health_table(records: Sequence[BlockHealth], rows: int = 10, title: s
 
 
 class PreconditionerHealthMonitor(pl.Callback):
-    """Logs Shampoo's per-block health under ``shampoo/…`` through ``pl_module.log``.
+    """Logs Shampoo's per-block health under ``shampoo/…`` to every logger of the trainer.
 
     Args:
-        log_every_n_steps: log every this many optimizer steps (``None``: the trainer's
-            ``log_every_n_steps``). Best equal to the trainer's: Lightning writes callback metrics
-            to the loggers only on its own logging steps, and repeats them on later ones.
+        log_every_n_steps: log every this many training steps (batches whose optimizer stepped:
+            the unit of ``Trainer(log_every_n_steps)``); ``None`` (default): the trainer's. Any
+            cadence works: the figures go to the loggers directly, at the step of the same
+            batch's training metrics, and are never repeated on later steps.
         top_k: per-layer detail: the ``k`` worst layers (a layer once reported stays reported, so
             its curve has neither gaps nor stale points), ``"all"`` layers, or ``None``/``0``.
         histograms: with a TensorBoard logger, log each layer's factor eigenvalue spectra
@@ -158,12 +213,13 @@ class PreconditionerHealthMonitor(pl.Callback):
             writes them, from the blocks it holds (all of them unless the optimizer is sharded).
         print_table: print a ``rich`` table of the ``table_rows`` worst blocks when training
             ends (rank 0); ``print_table()`` does it on demand.
-        prefix: metric namespace; a second Shampoo optimizer logs under ``{prefix}/opt1/…``.
+        prefix: metric namespace; a second Shampoo optimizer logs under ``{prefix}/opt{i}/…``.
+        prog_bar: also show the overall figures in the progress bar.
     """
 
     def __init__(
         self,
-        log_every_n_steps: int | None = 50,
+        log_every_n_steps: int | None = None,
         top_k: int | Literal["all"] | None = 5,
         histograms: bool = True,
         histogram_every_n_steps: int | None = None,
@@ -183,8 +239,7 @@ class PreconditionerHealthMonitor(pl.Callback):
         require_int("table_rows", table_rows, low=1)
         require_str("prefix", prefix)
         require_bool("prog_bar", prog_bar)
-        self._requested_every = log_every_n_steps
-        self.log_every_n_steps = log_every_n_steps or 50
+        self.log_every_n_steps = log_every_n_steps
         self.top_k = top_k
         self.histograms = histograms
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -192,57 +247,49 @@ class PreconditionerHealthMonitor(pl.Callback):
         self.table_rows = table_rows
         self.prefix = prefix
         self.prog_bar = prog_bar
-        #: The last 1000 logged ``{key: value}`` with their ``"step"`` (identical on all ranks).
+        #: The last 1000 logged ``{key: value}`` with their ``"step"`` (``trainer.global_step``;
+        #: the loggers get them at Lightning's step of that batch), identical on all ranks.
         self.history: deque[dict[str, float]] = deque(maxlen=1000)
+        #: Who put this monitor in the trainer (``ShampooCallback`` names itself), for messages.
+        self.added_by: str | None = None
         self._reported: dict[int, list[str]] = {}  # optimizer index -> layers with per-layer keys
         self._last_step = -1
         self._warned = False
 
     # ----------------------------------------------------------------------------- lightning
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        every = getattr(trainer, "log_every_n_steps", 0)  # set by the logger connector
-        if self._requested_every is None:
-            self.log_every_n_steps = every or 50
-        if stage != "fit" or not every or self.log_every_n_steps == every:
-            return
-        mine = f"PreconditionerHealthMonitor(log_every_n_steps={self.log_every_n_steps})"
-        if self.log_every_n_steps % every:
-            rank_zero_warn(
-                f"{mine} is not a multiple of Trainer(log_every_n_steps={every}): Lightning writes the "
-                "health metrics to the loggers only on steps that are both; the others are lost."
-            )
-        else:
-            rank_zero_warn(
-                f"{mine} is coarser than Trainer(log_every_n_steps={every}): Lightning repeats the last "
-                "health figures on the trainer's logging steps in between; equal cadences give exact curves."
-            )
-
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == 0 or step == self._last_step or step % self.log_every_n_steps:
-            return  # not a logging step (or a gradient-accumulation batch that did not step)
+        if step == 0 or step == self._last_step:
+            return  # a gradient-accumulation batch: no optimizer stepped
         self._last_step = step
+        every = cadence(trainer, self.log_every_n_steps)
+        if not is_due(trainer, every):
+            return
         optimizers = self._optimizers(trainer)
         logged: dict[str, float] = {}
+        histogram_every = self.histogram_every_n_steps or every
         for i, opt in optimizers:
             snapshot = gather_trainer_health(trainer, opt)
             prefix = self.prefix if i == optimizers[0][0] else f"{self.prefix}/opt{i}"
             logged.update(health_metrics(snapshot, prefix, self._layers(i, snapshot)))
-            histogram_every = self.histogram_every_n_steps or self.log_every_n_steps
-            if self.histograms and trainer.is_global_zero and step % histogram_every == 0:
-                self._log_histograms(trainer, opt, prefix, step)
+            if self.histograms and trainer.is_global_zero and is_due(trainer, histogram_every):
+                self._log_histograms(trainer, opt, prefix, batches_that_stepped(trainer))
         if logged:
-            pl_module.log_dict(
-                logged, on_step=True, on_epoch=False, prog_bar=self.prog_bar, logger=bool(trainer.loggers)
-            )
+            write_metrics(trainer, logged, prog_bar=self.prog_bar)
             self.history.append({"step": float(step), **logged})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.print_table_at_end:
-            self.print_table(trainer)
+        """The health table (rank 0), and a note when Shampoo never preconditioned (a collective
+        under DDP; every rank runs this hook)."""
+        for n, (i, opt) in enumerate(self._optimizers(trainer)):
+            snapshot = gather_trainer_health(trainer, opt)
+            if note := never_preconditioned(snapshot.records, first_refresh_steps(opt)):
+                rank_zero_info(f"Shampoo{f' optimizer {i}' if n else ''}: {note}")
+            if self.print_table_at_end and trainer.is_global_zero:
+                self._print(opt, i, snapshot, first=n == 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"reported_layers": {str(i): list(v) for i, v in self._reported.items()}}
@@ -258,15 +305,27 @@ class PreconditionerHealthMonitor(pl.Callback):
         """Print the worst blocks of each Shampoo optimizer (rank 0) and return the tables.
         Collective under DDP: call it on every rank."""
         tables: list[Table] = []
-        for i, opt in self._optimizers(trainer):
+        for n, (i, opt) in enumerate(self._optimizers(trainer)):
             snapshot = gather_trainer_health(trainer, opt)
-            if not trainer.is_global_zero:
-                continue
-            title = None if not tables else f"Shampoo optimizer {i}: preconditioner health"
-            table = render_health_table(snapshot.records, rows or self.table_rows, title)
-            (console or default_console()).print(table)
-            tables.append(table)
+            if trainer.is_global_zero:
+                tables.append(self._print(opt, i, snapshot, first=n == 0, console=console, rows=rows))
         return tables
+
+    def _print(
+        self,
+        optimizer: Shampoo,
+        index: int,
+        snapshot: HealthSnapshot,
+        *,
+        first: bool,
+        console: Console | None = None,
+        rows: int | None = None,
+    ) -> Table:
+        title = None if first else f"Shampoo optimizer {index}: preconditioner health"
+        rows = rows or self.table_rows
+        table = render_health_table(snapshot.records, rows, title, first_refresh_steps(optimizer))
+        (console or default_console()).print(table)
+        return table
 
     # ------------------------------------------------------------------------------- internals
 
@@ -274,7 +333,10 @@ class PreconditionerHealthMonitor(pl.Callback):
         found = shampoo_optimizers(trainer.optimizers)
         if not found and not self._warned:
             self._warned = True
-            rank_zero_warn("PreconditionerHealthMonitor: no Shampoo optimizer in this run to monitor")
+            if self.added_by is None:
+                rank_zero_warn("PreconditionerHealthMonitor: no Shampoo optimizer in this run to monitor")
+            else:  # not the user's component: no warning about it, a note
+                rank_zero_info(f"{self.added_by}'s health monitor: no Shampoo optimizer in this run")
         return found
 
     def _layers(self, index: int, snapshot: HealthSnapshot) -> list[str]:

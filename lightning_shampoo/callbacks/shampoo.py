@@ -12,6 +12,7 @@ defaults. The callback also adds ``PreconditionFrequencyScheduler``, ``SGDFallba
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,7 +25,15 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from .._checks import require_float
 from .._translate import translate_optimizer, translate_output
 from .._validation import validate_constructor_options
-from ..configure import _CONSTRUCTOR_ONLY, GROUP_KEYS, Preset, configure_shampoo, resolve_preset
+from ..configure import (
+    _CONSTRUCTOR_ONLY,
+    EPSILON_RTOL,
+    GROUP_KEYS,
+    Preset,
+    configure_shampoo,
+    resolve_preset,
+    with_epsilon_rtol,
+)
 from ..optim import Shampoo
 from ..preconditioners import (
     AdamPreconditionerConfig,
@@ -71,7 +80,11 @@ class ShampooCallback(pl.Callback):
 
     Args:
         preconditioner: a preset name of ``configure_shampoo`` (``"shampoo"``, ``"eigen"``,
-            ``"kl_shampoo"``, ``"soap"``, ``"psgd_kron"``, ``"adam"``) or a preconditioner config.
+            ``"kl_shampoo"``, ``"soap"``, ``"psgd_kron"``, ``"adam"``) or a preconditioner config
+            (used as given). The Shampoo presets get the relative damping
+            ``ε + EPSILON_RTOL·λ_max`` per factor here (``configure.EPSILON_RTOL``): a
+            rounding-level change of the data then moves the run ~1e-5, not ~1e-2, at the same
+            steps on the convergence suite.
             ``"muon"`` needs per-parameter groups (spectral descent takes matrices only) and is
             only available through ``configure_shampoo``.
         precondition_frequency, start_preconditioning_step, max_preconditioner_dim, epsilon: the
@@ -111,6 +124,8 @@ class ShampooCallback(pl.Callback):
         **shampoo_kwargs: Any,
     ) -> None:
         self.preset: Preset = resolve_preset(preconditioner)
+        if isinstance(preconditioner, str):  # the drop-in's recipe: damping relative to each factor
+            self.preset = replace(self.preset, config=with_epsilon_rtol(self.preset.config, EPSILON_RTOL))
         if isinstance(self.preset.config, SpectralDescentPreconditionerConfig):
             raise ValueError(
                 "preconditioner: spectral descent (muon) takes matrices only, and the wrapped optimizer's "
@@ -200,6 +215,7 @@ class ShampooCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._refuse_another(trainer)
         self._install(pl_module)
         # Before the checkpoint callbacks (Lightning keeps them last so that a checkpoint saved in
         # a hook sees the other callbacks' state of that step), and before checkpoint restore
@@ -214,8 +230,8 @@ class ShampooCallback(pl.Callback):
             if any(type(c) is type(component) for c in callbacks):
                 rank_zero_info(f"ShampooCallback: using the trainer's own {type(component).__name__}")
                 continue
-            component.log = pl_module.log  # type: ignore[attr-defined]  # as Lightning does
-            component.log_dict = pl_module.log_dict  # type: ignore[attr-defined]
+            if isinstance(component, PreconditionerHealthMonitor):
+                component.added_by = type(self).__name__
             callbacks.insert(at, component)
             at += 1
 
@@ -236,6 +252,17 @@ class ShampooCallback(pl.Callback):
         self._uninstall()
 
     # ------------------------------------------------------------------------------ internals
+
+    def _refuse_another(self, trainer: pl.Trainer) -> None:
+        """One drop-in per Trainer: a second would wrap the first one's Shampoo (or be ignored)."""
+        mine = [c for c in trainer.callbacks if isinstance(c, ShampooCallback)]  # type: ignore[attr-defined]
+        if len(mine) > 1:
+            for callback in reversed(mine):  # unwrap the module (the log setter may have wrapped it)
+                callback._uninstall()
+            raise ValueError(
+                f"Trainer(callbacks=...) holds {len(mine)} ShampooCallback instances; keep one: a "
+                "single ShampooCallback already replaces every optimizer that configure_optimizers returns"
+            )
 
     def _install(self, module: pl.LightningModule) -> None:
         """Replace ``module.configure_optimizers`` (an instance attribute; removed at teardown)."""
@@ -295,7 +322,7 @@ class ShampooCallback(pl.Callback):
         options.pop("preconditioner_config")
         options.pop("skip_preconditioning_rank_lt")  # moot: configure_shampoo puts vectors on Adam
         betas = None if self.beta2 is None else (self.preset.betas[0], self.beta2)
-        result = configure_shampoo(module, self.preconditioner, betas=betas, **options)
+        result = configure_shampoo(module, self.preset.config, betas=betas, **options)
         self.optimizers.append(result if isinstance(result, Shampoo) else result["optimizer"])
         return result
 

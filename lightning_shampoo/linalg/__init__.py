@@ -26,6 +26,7 @@ from .roots import (
     coupled_newton_inverse_root,
     inverse_root_from_eigh,
     matrix_inverse_root,
+    scaled_epsilon,
 )
 from .spectrum import SpectrumStats, spectrum_stats
 
@@ -47,6 +48,7 @@ __all__ = [
     "procrustes_step",
     "rayleigh_quotients",
     "safe_eigh",
+    "scaled_epsilon",
     "smallest_singular_value_estimate",
     "spectral_norm_lower_bound",
     "spectrum_stats",

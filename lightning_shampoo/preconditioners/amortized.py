@@ -23,7 +23,23 @@ __all__ = [
 
 
 @dataclass(frozen=True, kw_only=True)
-class _SpectralOptions:
+class _DampingOptions:
+    """``epsilon_rtol``: Shampoo's inverse roots damp each factor with ``ε + ε_rtol · λ_max``
+    (``linalg.scaled_epsilon``) instead of the absolute ``ε`` alone, so the damping follows the
+    factor's scale and stays above its rounding error (``ε_rtol`` of a few ``d·u``, ``u`` the unit
+    round-off, or more). 0 (default): ``ε`` alone, Distributed Shampoo's rule. The ``"shampoo"``,
+    ``"eigen"`` and ``"kl_shampoo"`` presets set it. SOAP inverts no factor and ignores it."""
+
+    epsilon_rtol: float = 0.0
+
+    def __post_init__(self) -> None:
+        rtol = self.epsilon_rtol
+        if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0.0 <= rtol < 1.0:
+            raise ValueError(f"epsilon_rtol must be a number in [0, 1), got {rtol!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SpectralOptions(_DampingOptions):
     """``pseudo_inverse`` zeroes the inverse on the numerical null space (``rank_rtol · λ_max``)
     instead of damping it with ``epsilon``; it then allows ``epsilon = 0``."""
 
@@ -31,6 +47,7 @@ class _SpectralOptions:
     rank_rtol: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_bool("pseudo_inverse", self.pseudo_inverse)
         require_float(
             "rank_rtol", self.rank_rtol, low=0.0, high=1.0, low_open=True, high_open=True, allow_none=True
@@ -76,13 +93,15 @@ class EigenConfig(_SpectralOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CoupledNewtonConfig:
-    """Inverse root by the coupled Newton iteration (matmuls only; integer roots ``1/exponent``)."""
+class CoupledNewtonConfig(_DampingOptions):
+    """Inverse root by the coupled Newton iteration (matmuls only; integer roots ``1/exponent``).
+    With ``epsilon_rtol``, ``λ_max`` is estimated within a few percent (no eigendecomposition)."""
 
     max_iterations: int = 100
     tolerance: float = 1e-6
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_int("max_iterations", self.max_iterations, low=1)
         require_float("tolerance", self.tolerance, low=0.0, low_open=True)
 

@@ -26,8 +26,11 @@ from ..linalg import (
     coupled_newton_inverse_root,
     inverse_root_from_eigh,
     safe_eigh,
+    scaled_epsilon,
+    spectral_norm_lower_bound,
     spectrum_stats,
 )
+from ._dtypes import check_optional_dtype
 from .amortized import (
     CoupledNewtonConfig,
     EigenConfig,
@@ -47,7 +50,6 @@ from .base import (
     accumulate_factors_many,
     accumulate_outer_,
     apply_along_dims,
-    check_dtype,
     commit_,
     eigenbasis_drift,
     ema_,
@@ -65,7 +67,13 @@ __all__ = [
     "ShampooPreconditioner",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+def _damping(ctx: Context, largest: Tensor, epsilon_rtol: float) -> Tensor | float:
+    """A refresh's damping per block, ``s·(ε + ε_rtol·λ_max)`` (``s``: the block's retry
+    multiplier), formed in ``largest``'s dtype (a float32 product would round a float64 ε).
+    ``ε_rtol = 0``: exactly ``ctx.block_epsilon``."""
+    eps = scaled_epsilon(largest, ctx.epsilon, epsilon_rtol)
+    return eps if ctx.epsilon_scale is None else eps * ctx.epsilon_scale.to(largest.dtype)
 
 
 def is_dim(value: Any, order: int) -> bool:
@@ -92,16 +100,23 @@ def check_exponent_override(override: Any, *, per_dim: bool = True, positive: bo
 @dataclass(frozen=True, kw_only=True)
 class _ShampooFamilyConfig(PreconditionerConfig, TraceScalingOptions):
     """``inverse_exponent_override``: ``{order: α | {dim: α}}``; α = 0 leaves a dim unpreconditioned.
-    ``use_trace_scaling`` / ``trace_scaling_exponent``: see ``TraceScalingOptions``."""
+    ``use_trace_scaling`` / ``trace_scaling_exponent``: see ``TraceScalingOptions``.
+
+    The ``*_dtype`` fields: storage of each state tensor; ``None`` (default) is the parameter's
+    dtype, at least float32 — float32 for float32, bfloat16 and float16 parameters, as
+    Distributed Shampoo's explicit float32 defaults, and float64 for float64 parameters
+    (``precision="64-true"``), where float32 state would throw the precision away. An explicit
+    dtype is used as given, as in Distributed Shampoo.
+    """
 
     kronecker: ClassVar[bool] = True
     inverse_exponent_override: Mapping[int, float | Mapping[int, float]] = field(default_factory=dict)
-    factor_matrix_dtype: torch.dtype = torch.float32
+    factor_matrix_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_exponent_override(self.inverse_exponent_override)
-        check_dtype("factor_matrix_dtype", self.factor_matrix_dtype, _FLOAT_DTYPES)
+        check_optional_dtype("factor_matrix_dtype", self.factor_matrix_dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,11 +125,11 @@ class RootInvShampooPreconditionerConfig(_ShampooFamilyConfig):
 
     family: ClassVar[str | None] = "shampoo"
     amortized_computation_config: EigenConfig | CoupledNewtonConfig = field(default_factory=EigenConfig)
-    inv_factor_matrix_dtype: torch.dtype = torch.float32
+    inv_factor_matrix_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_dtype("inv_factor_matrix_dtype", self.inv_factor_matrix_dtype, _FLOAT_DTYPES)
+        check_optional_dtype("inv_factor_matrix_dtype", self.inv_factor_matrix_dtype)
         if not isinstance(self.amortized_computation_config, EigenConfig | CoupledNewtonConfig):
             raise ValueError(
                 "amortized_computation_config must be EigenConfig or CoupledNewtonConfig, "
@@ -130,13 +145,13 @@ class EigendecomposedShampooPreconditionerConfig(_ShampooFamilyConfig):
     amortized_computation_config: EigendecompositionConfig = field(
         default_factory=EighEigendecompositionConfig
     )
-    factor_matrix_eigenvectors_dtype: torch.dtype = torch.float32
-    factor_matrix_eigenvalues_dtype: torch.dtype = torch.float32
+    factor_matrix_eigenvectors_dtype: torch.dtype | None = None
+    factor_matrix_eigenvalues_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_dtype("factor_matrix_eigenvectors_dtype", self.factor_matrix_eigenvectors_dtype, _FLOAT_DTYPES)
-        check_dtype("factor_matrix_eigenvalues_dtype", self.factor_matrix_eigenvalues_dtype, _FLOAT_DTYPES)
+        check_optional_dtype("factor_matrix_eigenvectors_dtype", self.factor_matrix_eigenvectors_dtype)
+        check_optional_dtype("factor_matrix_eigenvalues_dtype", self.factor_matrix_eigenvalues_dtype)
         allowed = EighEigendecompositionConfig | QREigendecompositionConfig
         if not isinstance(self.amortized_computation_config, allowed):
             raise ValueError(
@@ -199,7 +214,7 @@ class ShampooPreconditioner(Preconditioner):
     def factor_dims(self) -> tuple[int, ...]:
         return tuple(self.exponents)
 
-    def _dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+    def _dtypes(self) -> tuple[torch.dtype | None, torch.dtype | None]:
         cfg = self.config
         if isinstance(cfg, EigendecomposedShampooPreconditionerConfig):
             return cfg.factor_matrix_eigenvectors_dtype, cfg.factor_matrix_eigenvalues_dtype
@@ -208,8 +223,8 @@ class ShampooPreconditioner(Preconditioner):
 
     def state_schema(self, dtype: torch.dtype, options: Mapping[str, Any]) -> dict[str, StateSpec]:
         assert isinstance(self.config, _ShampooFamilyConfig)
-        fdtype = self.config.factor_matrix_dtype
-        vdtype, edtype = self._dtypes()
+        fdtype = self.config.factor_matrix_dtype or dtype  # ``dtype``: the parameter's, >= float32
+        vdtype, edtype = (d or dtype for d in self._dtypes())
         schema: dict[str, StateSpec] = {}
         for i in self.factor_dims:
             d = self.block_shape[i]
@@ -255,6 +270,7 @@ class ShampooPreconditioner(Preconditioner):
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
         amortized = getattr(self.config, "amortized_computation_config", None)
         eps = ctx.block_epsilon(getattr(self.config, "factor_matrix_dtype", None))
+        rtol = getattr(amortized, "epsilon_rtol", 0.0)
         bc2 = per_block(ctx.bias_correction2, 3)
         block_failed = torch.zeros_like(commit)
         stats: list[SpectrumStats | None] = []
@@ -267,10 +283,11 @@ class ShampooPreconditioner(Preconditioner):
                 matrix = trace_scale(bias_corrected, cfg.trace_scaling_exponent, eps)
             root_key = f"root.{i}"
             if isinstance(amortized, CoupledNewtonConfig):
+                largest = spectral_norm_lower_bound(matrix) if rtol else matrix.new_zeros(())
                 root, _, failed = coupled_newton_inverse_root(
                     matrix,
                     round(1.0 / alpha),
-                    eps,
+                    _damping(ctx, largest, rtol),
                     max_iterations=amortized.max_iterations,
                     tolerance=amortized.tolerance,
                 )
@@ -282,16 +299,17 @@ class ShampooPreconditioner(Preconditioner):
                 else:
                     assert isinstance(options, EigenConfig)
                     values, vectors, failed = safe_eigh(matrix, retry_float64=options.retry_double_precision)
+                damping = _damping(ctx, values.amax(-1), rtol)
                 root = inverse_root_from_eigh(
                     values,
                     vectors,
                     alpha,
-                    eps,
+                    damping,
                     pseudo_inverse=getattr(options, "pseudo_inverse", False),
                     rank_rtol=getattr(options, "rank_rtol", None),
                 )
                 failed = failed | ~torch.isfinite(root).flatten(1).all(1)
-                stats.append(spectrum_stats(values, eps))
+                stats.append(spectrum_stats(values, damping))
                 if self.eigendecomposed:
                     ok = commit & ~failed
                     commit_(state[f"eigenvectors.{i}"], vectors, ok)
@@ -372,25 +390,25 @@ class KLShampooPreconditioner(ShampooPreconditioner):
     def _correct_eigenvalues(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> None:
         """``λᵢ ← β₂λᵢ + (1-β₂)·diag(Qᵢᵀ G (⊗ⱼ≠ᵢ Lⱼ⁻¹) Gᵀ Qᵢ)/Πⱼ≠ᵢdⱼ`` in the last eigenbases."""
         bc2 = ctx.bias_correction2.unsqueeze(-1)
-        eps = ctx.block_epsilon(getattr(self.config, "factor_matrix_eigenvalues_dtype", None))
         # The stored eigenvalues still describe the previous step's factors (as do the roots the
         # factor update just used), so they take that step's bias correction, not this one's.
         previous_bc2 = ctx.previous_bias_correction2()
         if isinstance(previous_bc2, Tensor):
             previous_bc2 = previous_bc2.unsqueeze(-1)
-        eps_column = eps.unsqueeze(-1) if isinstance(eps, Tensor) else eps
         bases = {i: state[f"eigenvectors.{i}"] for i in self.factor_dims}
         energy = apply_along_dims(grad, bases, transpose=True).square()
         options = getattr(self.config, "amortized_computation_config", None)
         pseudo_inverse = getattr(options, "pseudo_inverse", False)
         rank_rtol = getattr(options, "rank_rtol", None)
+        rtol = getattr(options, "epsilon_rtol", 0.0)
         inverse = {}
         for j in self.factor_dims:
             lam = (state[f"eigenvalues.{j}"] / previous_bc2).clamp_min(0.0)
-            inv = (lam + eps_column).reciprocal()
+            eps = _damping(ctx, lam.amax(-1), rtol)
+            inv = (lam + (eps.unsqueeze(-1) if isinstance(eps, Tensor) else eps)).reciprocal()
             if pseudo_inverse:  # as the refresh's root: zero on the numerical null space (ε may be 0)
-                rtol = rank_rtol if rank_rtol is not None else lam.shape[-1] * torch.finfo(lam.dtype).eps
-                inv = torch.where(lam > rtol * lam.amax(-1, keepdim=True), inv, 0.0)
+                rank_tol = rank_rtol if rank_rtol is not None else lam.shape[-1] * torch.finfo(lam.dtype).eps
+                inv = torch.where(lam > rank_tol * lam.amax(-1, keepdim=True), inv, 0.0)
             inverse[j] = inv
         live = ctx.live * state["refreshed"].to(ctx.live.dtype)
         ema = replace(
@@ -421,7 +439,7 @@ class KLShampooPreconditioner(ShampooPreconditioner):
                 values.to(vectors.dtype),
                 vectors,
                 alpha,
-                eps,
+                _damping(ctx, values.clamp_min(0.0).amax(-1), rtol),
                 pseudo_inverse=pseudo_inverse,
                 rank_rtol=rank_rtol,
             )

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._checks import describe, require_bool, require_int
 from ..linalg import spectrum_stats, stable_pow
+from ._dtypes import check_optional_dtype
 from .amortized import (
     EigendecompositionConfig,
     EighEigendecompositionConfig,
@@ -44,7 +45,6 @@ from .base import (
     accumulate_factors_many,
     apply_along_dims,
     as_dtype,
-    check_dtype,
     commit_,
     decay_,
     eigenbasis_drift,
@@ -54,8 +54,6 @@ from .shampoo import check_exponent_override, is_dim
 
 __all__ = ["EigenvalueCorrectedShampooPreconditionerConfig", "SOAPPreconditioner"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
-
 
 @dataclass(frozen=True, kw_only=True)
 class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig, TraceScalingOptions):
@@ -63,7 +61,9 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig, Trace
     ``inverse_exponent_override``: ``{order: α}`` on the corrected eigenvalues (default ½, Adam);
     ``rotate_corrected_eigenvalues``: carry the second moment into each new basis (module
     docstring; default False: leave it in place, as Distributed Shampoo and the reference SOAP
-    do); ``use_trace_scaling``: see ``TraceScalingOptions`` (it only moves the QR damping)."""
+    do); ``use_trace_scaling``: see ``TraceScalingOptions`` (it only moves the QR damping).
+    The ``*_dtype`` fields: ``None`` (default) stores that state in the parameter's dtype, at least
+    float32 (float64 under ``precision="64-true"``); an explicit dtype is used as given."""
 
     family: ClassVar[str | None] = "soap"
     kronecker: ClassVar[bool] = True
@@ -72,9 +72,9 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig, Trace
     )
     ignored_basis_change_dims: Mapping[int, Sequence[int]] = field(default_factory=dict)
     inverse_exponent_override: Mapping[int, float] = field(default_factory=dict)
-    factor_matrix_dtype: torch.dtype = torch.float32
-    factor_matrix_eigenvectors_dtype: torch.dtype = torch.float32
-    corrected_eigenvalues_dtype: torch.dtype = torch.float32
+    factor_matrix_dtype: torch.dtype | None = None
+    factor_matrix_eigenvectors_dtype: torch.dtype | None = None
+    corrected_eigenvalues_dtype: torch.dtype | None = None
     rotate_corrected_eigenvalues: bool = False
 
     def __post_init__(self) -> None:
@@ -84,7 +84,7 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig, Trace
             "factor_matrix_eigenvectors_dtype",
             "corrected_eigenvalues_dtype",
         ):
-            check_dtype(name, getattr(self, name), _FLOAT_DTYPES)
+            check_optional_dtype(name, getattr(self, name))
         allowed = EighEigendecompositionConfig | QREigendecompositionConfig
         if not isinstance(self.amortized_computation_config, allowed):
             raise ValueError(
@@ -136,14 +136,17 @@ class SOAPPreconditioner(Preconditioner):
         return self.basis_dims
 
     def state_schema(self, dtype: torch.dtype, options: Mapping[str, Any]) -> dict[str, StateSpec]:
+        cfg = self.cfg  # a dtype left None is ``dtype``: the parameter's, at least float32
         schema: dict[str, StateSpec] = {}
         for i in self.basis_dims:
             d = self.block_shape[i]
-            schema[f"factor.{i}"] = StateSpec((d, d), self.cfg.factor_matrix_dtype)
+            schema[f"factor.{i}"] = StateSpec((d, d), cfg.factor_matrix_dtype or dtype)
             schema[f"eigenvectors.{i}"] = StateSpec(
-                (d, d), self.cfg.factor_matrix_eigenvectors_dtype, "identity"
+                (d, d), cfg.factor_matrix_eigenvectors_dtype or dtype, "identity"
             )
-        schema["corrected_eigenvalues"] = StateSpec(self.block_shape, self.cfg.corrected_eigenvalues_dtype)
+        schema["corrected_eigenvalues"] = StateSpec(
+            self.block_shape, cfg.corrected_eigenvalues_dtype or dtype
+        )
         if options["betas"][0] > 0.0:
             schema["rotated_momentum"] = StateSpec(self.block_shape, dtype)
         return schema
