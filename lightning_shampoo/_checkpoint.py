@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._state_checks import check_loaded_groups, nonfinite_entries
 from ._workspace import bucket_schema, compute_dtype
+from .linalg.packing import pack, unpack
 from .plan import Bucket
 
 __all__ = [
@@ -119,6 +120,27 @@ def _modernise(found: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+_SYMMETRIC = ("factor.", "root.", "reference.")
+
+
+def _repack(value: Tensor, shape: tuple[int, ...], key: str) -> Tensor:
+    """A symmetric matrix saved full loads packed (upper triangle) and the reverse, so a
+    checkpoint crosses ``use_symmetric_packing`` either way."""
+    if not key.startswith(_SYMMETRIC) or tuple(value.shape) == shape:
+        return value
+    d = value.shape[0]
+    if len(shape) == 1 and value.ndim == 2 and value.shape[1] == d and d * (d + 1) // 2 == shape[0]:
+        return pack(value)
+    if (
+        len(shape) == 2
+        and value.ndim == 1
+        and shape[0] == shape[1]
+        and value.shape[0] == shape[0] * (shape[0] + 1) // 2
+    ):
+        return unpack(value)
+    return value
+
+
 def load_rows(
     saved_state: Mapping[Any, Mapping[str, Tensor]],
     saved_id: Mapping[int, Any],
@@ -157,6 +179,7 @@ def load_rows(
                         raise ValueError(
                             f"{where} is missing from the state_dict (was the preconditioner config changed?)"
                         )
+                    value = _repack(value, tuple(tensor.shape[1:]), key)
                     if tuple(value.shape) != tuple(tensor.shape[1:]):
                         raise ValueError(
                             f"{where}: saved shape {tuple(value.shape)} != expected "

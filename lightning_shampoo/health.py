@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .linalg.packing import unpack
 from .plan import Bucket
 
 __all__ = ["FALLBACK_CODES", "FALLBACK_NAMES", "BlockHealth", "collect_health", "factor_spectra", "summarize"]
@@ -153,7 +154,8 @@ def factor_spectra(
             if f"eigenvalues.{i}" in precond:
                 values = precond[f"eigenvalues.{i}"].detach().double().cpu() / bc2[:, None]
             elif f"factor.{i}" in precond:
-                factor = precond[f"factor.{i}"].detach().double().cpu() / bc2[:, None, None]
+                stored = precond[f"factor.{i}"].detach().double().cpu()
+                factor = (stored if stored.ndim == 3 else unpack(stored)) / bc2[:, None, None]
                 if not bool(torch.isfinite(factor).all()):
                     continue
                 values = torch.linalg.eigvalsh(factor)

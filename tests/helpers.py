@@ -73,3 +73,26 @@ def assert_same_parameters(ours: nn.Module, reference: nn.Module, **tolerances: 
     """``assert_close`` on every parameter (default tolerances unless given), naming the parameter."""
     for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}", **tolerances)
+
+
+_SYMMETRIC = ("factor.", "root.", "reference.")
+
+
+def is_symmetric(key: str) -> bool:
+    """Whether a state key (``precond.factor.0``, ``block_3.precond.root.1``, …) names a symmetric
+    matrix, which ``use_symmetric_packing`` stores as its upper triangle."""
+    return any(f".{s}" in f".{key}" for s in _SYMMETRIC)
+
+
+def row_full(value: Tensor) -> Tensor:
+    """One block's symmetric state as a ``[d, d]`` matrix (unpacked if stored packed)."""
+    from lightning_shampoo.linalg.packing import unpack
+
+    return unpack(value) if value.ndim == 1 else value
+
+
+def bucket_full(value: Tensor) -> Tensor:
+    """A bucket's symmetric state as ``[n, d, d]`` (unpacked if stored packed ``[n, d(d+1)/2]``)."""
+    from lightning_shampoo.linalg.packing import unpack
+
+    return unpack(value) if value.ndim == 2 else value

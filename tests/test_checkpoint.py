@@ -139,10 +139,11 @@ def test_state_dict_is_keyed_by_param_and_block():
         for b in blocks:
             sections = {key.split(".")[1] for key in entry if key.startswith(f"block_{b}.")}
             assert sections == {"precond", "graft", "moments", "status"}
-    # The weight 40x40 in blocks of 16: 3x3 = 9 blocks; factor.0 of a 16x16 block is 16x16.
+    # The weight 40x40 in blocks of 16: 3x3 = 9 blocks; factor.0 of a 16x16 block is 16x16, stored
+    # as its upper triangle (use_symmetric_packing, Distributed Shampoo's default): 136 numbers.
     assert {int(k.split(".")[0][6:]) for k in sd["state"][2]} == set(range(9))
-    assert sd["state"][2]["block_0.precond.factor.0"].shape == (16, 16)
-    assert sd["state"][2]["block_8.precond.factor.0"].shape == (8, 8)
+    assert sd["state"][2]["block_0.precond.factor.0"].shape == (16 * 17 // 2,)
+    assert sd["state"][2]["block_8.precond.factor.0"].shape == (8 * 9 // 2,)
     # No bucket names anywhere in the checkpoint, and no config objects.
     text = repr(sd)
     assert "g0.b" not in text

@@ -447,15 +447,15 @@ def test_nonfinite_entries_finds_corrupted_blocks_and_ignores_health() -> None:
     opt, _ = _trained()
     state = opt.state_dict()
     assert nonfinite_entries(state) == []  # health figures of a fresh state may be nan: not state
-    state["state"][0]["block_0.precond.factor.0"][0, 0] = nan
-    state["state"][1]["block_0.precond.factor.0"][1, 1] = inf
+    state["state"][0]["block_0.precond.factor.0"].view(-1)[0] = nan
+    state["state"][1]["block_0.precond.factor.0"].view(-1)[2] = inf
     assert nonfinite_entries(state) == [(0, 0, "precond.factor.0"), (1, 0, "precond.factor.0")]
 
 
 def test_loading_a_nan_factor_resets_that_block_with_a_warning() -> None:
     opt, params = _trained()
     state = opt.state_dict()
-    state["state"][0]["block_0.precond.factor.0"][0, 0] = nan
+    state["state"][0]["block_0.precond.factor.0"].view(-1)[0] = nan
     fresh = Shampoo(params, lr=0.01, precondition_frequency=2, epsilon=1e-6)
     with pytest.warns(UserWarning, match="factor.0"):
         fresh.load_state_dict(state)

@@ -15,14 +15,16 @@ buckets with one ``torch._foreach_*`` call per operation instead of one call per
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal, NamedTuple
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..linalg import SpectrumStats
+from ..linalg.packing import pack, pack_into, unpack_into
+from ._context import Context, Ema, StateSpec, outer_operands, per_block
 
 __all__ = [
     "Context",
@@ -55,183 +57,11 @@ class PreconditionerConfig:
     min_block_order: ClassVar[int] = 1
 
 
-@dataclass(frozen=True)
-class StateSpec:
-    """One state tensor per block: its per-block ``shape``, ``dtype`` and initial value (a
-    number, or ``"identity"`` for square matrices)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    fill: float | Literal["identity"] = 0.0
-    scale: float = 1.0  # of the identity
-
-    def allocate(self, n: int, device: torch.device | str) -> Tensor:
-        if self.fill == "identity":
-            eye = identity(n, self.shape[-1], dtype=self.dtype, device=torch.device(device))
-            return eye if self.scale == 1.0 else eye.mul_(self.scale)
-        return torch.full((n, *self.shape), self.fill, dtype=self.dtype, device=device)
-
-
-@dataclass(frozen=True)
-class Ema:
-    """Per-block views (``[n]``) that drive one exponential moving average with factor ``beta``:
-    ``keep`` (β on live blocks, 1 on dead ones), ``weight`` (1 − β on live blocks, 0 on dead
-    ones) and ``correction`` (``1 − βᵗ`` with ``t`` the block's own step count, or 1 where there
-    is no bias correction). Their values are recomputed every step; the views stay, and so do
-    their broadcastable shapes (``shaped``), so a plain step creates no views."""
-
-    beta: float
-    keep: Tensor
-    weight: Tensor
-    correction: Tensor
-    root: Tensor | None = None  # sqrt(correction), where a kernel asks for it (Adam's denominator)
-    _shaped: dict[tuple[str, int], Tensor] = field(default_factory=dict, compare=False, repr=False)
-
-    def shaped(self, name: Literal["keep", "weight", "correction", "root"], ndim: int) -> Tensor:
-        """``keep``/``weight``/``correction`` as ``[n, 1, …]`` broadcasting against ``ndim`` dims."""
-        view = self._shaped.get((name, ndim))
-        if view is None:
-            view = self._shaped[(name, ndim)] = per_block(getattr(self, name), ndim)
-        return view
-
-
-@dataclass
-class Context:
-    """What a kernel needs to know about the current step for one bucket.
-
-    Built once per bucket by the optimizer's workspace (the tensors are views of per-block
-    vectors it refreshes every step); ``step`` and ``warm`` are set each step. ``live`` is
-    ``1.0`` for blocks that take part in this step and ``0.0`` for blocks whose gradient is
-    missing or non-finite: their statistics must stay exactly unchanged.
-    """
-
-    step: int
-    beta2: float
-    epsilon: float
-    use_bias_correction: bool
-    live: Tensor
-    block_step: Tensor  # [n] int64: steps each block took part in (its bias corrections' t)
-    ema2: Ema  # the group's betas[1] (Kronecker factors, SOAP's second moment)
-    ema1: Ema  # betas[0] (the filtered gradient); correction = 1 − β₃·β₁ᵗ⁻¹
-    diagonal: Ema  # the diagonal kernel's β₂ (as main preconditioner or grafting)
-    epsilon_scale: Tensor | None = None
-    warm: bool = False  # on refresh: every block of the bucket was refreshed before
-    #: How the filtered gradient follows the gradients: ``m ← lerp(m, g, (1-β₁)·live)``;
-    #: ``beta1 = None`` when the current step uses β₃ ≠ β₁ instead.
-    beta1: float | None = 0.0
-    beta3: float = 0.0
-    #: The optimizer's gradient buffer of this bucket and its outer-product operands per dim
-    #: (views made once, so factor updates create no views per step).
-    grad_buffer: Tensor | None = None
-    grad_operands: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
-    #: Views of this bucket's state a kernel makes once (e.g. transposed bases); see ``view``.
-    views: dict[Any, Tensor] = field(default_factory=dict, repr=False)
-
-    def view(self, key: Any, make: Callable[[], Tensor]) -> Tensor:
-        """A cached view of persistent state (valid while the workspace that built this context
-        is: state tensors are updated in place, never replaced, while it lives)."""
-        view = self.views.get(key)
-        if view is None:
-            view = self.views[key] = make()
-        return view
-
-    def operands(self, x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        """``outer_operands(x, dim)``, from the cache when ``x`` is the gradient buffer."""
-        if x is self.grad_buffer and dim in self.grad_operands:
-            return self.grad_operands[dim]
-        return outer_operands(x, dim)
-
-    @property
-    def bias_correction2(self) -> Tensor:
-        """``1 - β₂ᵗ`` per block for EMA statistics; 1 for sums (β₂ = 1) or without correction."""
-        return self.ema2.correction
-
-    def previous_bias_correction2(self) -> Tensor | float:
-        """``bias_correction2`` one step earlier (at least step 1): what statistics computed
-        before this step's update were normalised with."""
-        if not (self.use_bias_correction and self.beta2 < 1.0):
-            return 1.0
-        t = (self.block_step - 1).clamp_min(1).to(self.live.dtype)
-        return 1.0 - torch.pow(self.beta2, t)
-
-    def block_epsilon(self, dtype: torch.dtype | None = None) -> Tensor | float:
-        """Per-block damping for refreshes: ``epsilon`` times the block's retry scale, formed in
-        ``dtype`` (the statistics' precision: a float32 product would round a float64 epsilon)."""
-        if self.epsilon_scale is None:
-            return self.epsilon
-        scale = self.epsilon_scale if dtype is None else self.epsilon_scale.to(dtype)
-        return self.epsilon * scale
-
-    @classmethod
-    def uniform(
-        cls,
-        step: int,
-        beta2: float,
-        epsilon: float,
-        use_bias_correction: bool,
-        live: Tensor,
-        *,
-        beta1: float = 0.0,
-        epsilon_scale: Tensor | None = None,
-        warm: bool = False,
-    ) -> Context:
-        """A context for ``n = len(live)`` blocks that all took every step so far (for using a
-        kernel on its own, e.g. in tests; the optimizer builds its contexts from its workspace)."""
-        n = live.shape[0]
-
-        def ema(beta: float, corrected: bool) -> Ema:
-            keep = torch.where(live > 0, beta, 1.0).to(live.dtype)
-            correction = torch.full((n,), 1.0 - beta**step if corrected else 1.0, dtype=live.dtype)
-            return Ema(beta, keep, (1.0 - keep), correction, correction.sqrt())
-
-        return cls(
-            step=step,
-            beta2=beta2,
-            epsilon=epsilon,
-            use_bias_correction=use_bias_correction,
-            live=live,
-            block_step=torch.full((n,), step, dtype=torch.int64),
-            ema2=ema(beta2, use_bias_correction and beta2 < 1.0),
-            ema1=ema(beta1, use_bias_correction and 0.0 < beta1 < 1.0),
-            diagonal=ema(1.0, False),
-            epsilon_scale=epsilon_scale,
-            warm=warm,
-            beta1=beta1,
-            beta3=beta1,
-        )
-
-    def rows(self, rows: Tensor) -> Context:
-        """The context of a subset of the bucket's blocks (a partial refresh)."""
-
-        def pick(ema: Ema) -> Ema:
-            root = None if ema.root is None else ema.root[rows]
-            return Ema(ema.beta, ema.keep[rows], ema.weight[rows], ema.correction[rows], root)
-
-        scale = None if self.epsilon_scale is None else self.epsilon_scale[rows]
-        return replace(
-            self,
-            grad_buffer=None,
-            grad_operands={},
-            views={},
-            live=self.live[rows],
-            block_step=self.block_step[rows],
-            ema2=pick(self.ema2),
-            ema1=pick(self.ema1),
-            diagonal=pick(self.diagonal),
-            epsilon_scale=scale,
-        )
-
-
 class RefreshResult(NamedTuple):
     """Per-block failure mask ``[n]`` and one spectrum record per factor (``None`` if unknown)."""
 
     failed: Tensor
     stats: tuple[SpectrumStats | None, ...]
-
-
-def per_block(values: Tensor, ndim: int) -> Tensor:
-    """Reshape per-block values ``[n]`` to broadcast against ``[n, *block]`` of total ``ndim``."""
-    return values.view(values.shape[0], *([1] * (ndim - 1)))
 
 
 def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -252,15 +82,6 @@ def ema_(state: Tensor, new: Tensor, ema: Ema) -> None:
         state.lerp_(new, per_block(as_dtype(ema.weight, state.dtype), state.ndim))
 
 
-def outer_operands(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """``(X₍dim₎, X₍dim₎ᵀ)`` of every block of ``x: [n, *block]`` as batched matrices (views for
-    2-D blocks)."""
-    if x.ndim == 3:
-        return (x, x.mT) if dim == 0 else (x.mT, x)
-    moved = x.movedim(dim + 1, 1).reshape(x.shape[0], x.shape[dim + 1], -1)
-    return moved, moved.mT
-
-
 def add_outer_(factor: Tensor, x: Tensor, dim: int, alpha: float, ctx: Context | None = None) -> None:
     """``factor += alpha · X₍dim₎X₍dim₎ᵀ`` in place (one fused ``baddbmm``)."""
     x = as_dtype(x, factor.dtype)
@@ -271,13 +92,33 @@ def add_outer_(factor: Tensor, x: Tensor, dim: int, alpha: float, ctx: Context |
         factor.baddbmm_(left, right, alpha=alpha)
 
 
-def accumulate_outer_(factor: Tensor, x: Tensor, dim: int, ema: Ema) -> None:
-    """``factor ← β·factor + (1-β)·X₍dim₎X₍dim₎ᵀ`` in place, dead blocks (zero ``x``) unchanged."""
-    if ema.beta == 1.0:
-        add_outer_(factor, x, dim, 1.0)
-        return
-    factor.mul_(per_block(as_dtype(ema.keep, factor.dtype), factor.ndim))
-    add_outer_(factor, x, dim, 1.0 - ema.beta)
+def accumulate_outer_(factor: Tensor, x: Tensor, dim: int, ema: Ema, ctx: Context | None = None) -> None:
+    """``factor ← β·factor + (1-β)·X₍dim₎X₍dim₎ᵀ`` in place, dead blocks (zero ``x``) unchanged;
+    ``factor`` full ``[n, d, d]`` or packed ``[n, d(d+1)/2]``."""
+    alpha = 1.0 if ema.beta == 1.0 else 1.0 - ema.beta
+    if ema.beta != 1.0:
+        factor.mul_(per_block(as_dtype(ema.keep, factor.dtype), factor.ndim))
+    if factor.ndim == 3:
+        add_outer_(factor, x, dim, alpha, ctx)
+    else:
+        _add_outer_packed_(factor, as_dtype(x, factor.dtype), dim, alpha, ctx)
+
+
+def _add_outer_packed_(factor: Tensor, x: Tensor, dim: int, alpha: float, ctx: Context | None) -> None:
+    """``factor += alpha · upper(X₍dim₎X₍dim₎ᵀ)`` for a packed factor, through shared buffers."""
+    left, right = outer_operands(x, dim) if ctx is None else ctx.operands(x, dim)
+    n, d = left.shape[0], left.shape[1]
+    if ctx is None:
+        full = left.new_empty(n, d, d)
+        delta = factor.new_empty(factor.shape)
+    else:
+        full = ctx.buffer("outer", (n, d, d), factor.dtype, factor.device)
+        delta = ctx.buffer("outer_packed", tuple(factor.shape), factor.dtype, factor.device)
+    if left.shape[-1] == 1:  # rank one: elementwise, so a block rounds alike in any batch
+        torch.mul(left, right, out=full)
+    else:
+        torch.bmm(left, right, out=full)
+    factor.add_(pack_into(full, delta), alpha=alpha)
 
 
 def decay_(pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
@@ -290,10 +131,12 @@ def decay_(pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
 def accumulate_factors_many(jobs: Sequence[tuple[Sequence[int], dict[str, Tensor], Tensor, Context]]) -> None:
     """``accumulate_outer_`` of ``factor.{i}`` for every dim ``i`` of many buckets: one
     ``_foreach_mul_`` decays every factor, then one ``baddbmm`` per factor adds ``(1-β₂)·GGᵀ``.
-    ``jobs``: per bucket, its factored dims, its state, its gradient and its context."""
+    A factor stored packed (``[n, d(d+1)/2]``) takes the product through a shared full buffer,
+    then its upper triangle. ``jobs``: per bucket, its factored dims, its state, its gradient and
+    its context."""
     decay_(
         [
-            (state[f"factor.{i}"], ctx.ema2.shaped("keep", 3))
+            (state[f"factor.{i}"], ctx.ema2.shaped("keep", state[f"factor.{i}"].ndim))
             for dims, state, _, ctx in jobs
             if ctx.ema2.beta != 1.0
             for i in dims
@@ -302,7 +145,11 @@ def accumulate_factors_many(jobs: Sequence[tuple[Sequence[int], dict[str, Tensor
     for dims, state, grad, ctx in jobs:
         alpha = 1.0 if ctx.ema2.beta == 1.0 else 1.0 - ctx.ema2.beta
         for i in dims:
-            add_outer_(state[f"factor.{i}"], grad, i, alpha, ctx)
+            factor = state[f"factor.{i}"]
+            if factor.ndim == 3:
+                add_outer_(factor, grad, i, alpha, ctx)
+            else:
+                _add_outer_packed_(factor, as_dtype(grad, factor.dtype), i, alpha, ctx)
 
 
 def row_norms(x: Tensor) -> Tensor:
@@ -343,6 +190,23 @@ def apply_along_dims(x: Tensor, matrices: Mapping[int, Tensor], *, transpose: bo
         y = moved.reshape(n, -1, shape[-1]).to(m.dtype) @ (m if transpose else m.mT)
         x = y.reshape(shape).movedim(-1, i + 1)
     return x
+
+
+def full_matrix(stored: Tensor, d: int, ctx: Context | None, key: Any) -> Tensor:
+    """A symmetric matrix state as ``[n, d, d]``: as it is when stored full; when stored packed
+    (``[n, d(d+1)/2]``) unpacked — into the lane's shared buffer ``key`` when a context is given
+    (the plain step: one ``index_select``, nothing allocated), else into a new tensor."""
+    if stored.ndim == 3:
+        return stored
+    shape = (stored.shape[0], d, d)
+    if ctx is None:
+        return unpack_into(stored, stored.new_empty(shape))
+    return unpack_into(stored, ctx.buffer(key, shape, stored.dtype, stored.device))
+
+
+def store_symmetric_(target: Tensor, full: Tensor, ok: Tensor) -> None:
+    """``commit_`` a full symmetric ``[n, d, d]`` into ``target``, packed or full as it is stored."""
+    commit_(target, full if target.ndim == 3 else pack(full), ok)
 
 
 def precondition_kronecker_into(x: Tensor, roots: Mapping[int, Tensor], out: Tensor, scratch: Tensor) -> None:
@@ -400,10 +264,6 @@ def resolve_exponent(override: Mapping[int, Any], order: int, dim: int, default:
 def check_dtype(name: str, dtype: torch.dtype, allowed: Sequence[torch.dtype]) -> None:
     if dtype not in allowed:
         raise ValueError(f"{name} must be one of {[str(d) for d in allowed]}, got {dtype}")
-
-
-def identity(n: int, d: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.eye(d, dtype=dtype, device=device).expand(n, d, d).clone()
 
 
 class Preconditioner:

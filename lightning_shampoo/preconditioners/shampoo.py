@@ -53,10 +53,12 @@ from .base import (
     commit_,
     eigenbasis_drift,
     ema_,
+    full_matrix,
     per_block,
     precondition_kronecker_into,
     relative_change,
     resolve_exponent,
+    store_symmetric_,
 )
 
 __all__ = [
@@ -107,16 +109,23 @@ class _ShampooFamilyConfig(PreconditionerConfig, TraceScalingOptions):
     Distributed Shampoo's explicit float32 defaults, and float64 for float64 parameters
     (``precision="64-true"``), where float32 state would throw the precision away. An explicit
     dtype is used as given, as in Distributed Shampoo.
+
+    ``use_symmetric_packing`` (Distributed Shampoo's, on by default there and here): factors and
+    cached roots, being symmetric, are stored as their upper triangle (``d(d+1)/2`` numbers
+    instead of ``d²``: half their memory); each step then rebuilds the full matrices it uses in
+    shared buffers (one ``index_select`` per root, and per factor update one more op).
     """
 
     kronecker: ClassVar[bool] = True
     inverse_exponent_override: Mapping[int, float | Mapping[int, float]] = field(default_factory=dict)
     factor_matrix_dtype: torch.dtype | None = None
+    use_symmetric_packing: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_exponent_override(self.inverse_exponent_override)
         check_optional_dtype("factor_matrix_dtype", self.factor_matrix_dtype)
+        require_bool("use_symmetric_packing", self.use_symmetric_packing)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +215,7 @@ class ShampooPreconditioner(Preconditioner):
                         f"{self.order}-D block has exponent {a} (root {1.0 / a}); use EigenConfig"
                     )
         self.eigendecomposed = isinstance(config, EigendecomposedShampooPreconditionerConfig)
+        self.packed = config.use_symmetric_packing
 
     def default_exponent(self, order: int) -> float:
         return self.default_exponent_scale / max(order, 1)
@@ -228,14 +238,21 @@ class ShampooPreconditioner(Preconditioner):
         schema: dict[str, StateSpec] = {}
         for i in self.factor_dims:
             d = self.block_shape[i]
-            schema[f"factor.{i}"] = StateSpec((d, d), fdtype)
-            schema[f"root.{i}"] = StateSpec((d, d), vdtype, "identity")
+            symmetric = (d * (d + 1) // 2,) if self.packed else (d, d)
+            schema[f"factor.{i}"] = StateSpec(symmetric, fdtype)
+            schema[f"root.{i}"] = StateSpec(symmetric, vdtype, "identity")
             if self.eigendecomposed:
                 schema[f"eigenvectors.{i}"] = StateSpec((d, d), vdtype, "identity")
                 schema[f"eigenvalues.{i}"] = StateSpec((d,), edtype)
             elif options.get("refresh_tolerance") is not None:  # drift() compares with it
-                schema[f"reference.{i}"] = StateSpec((d, d), fdtype)
+                schema[f"reference.{i}"] = StateSpec(symmetric, fdtype)
         return schema
+
+    def full(self, state: dict[str, Tensor], name: str, ctx: Context | None = None) -> Tensor:
+        """The symmetric state ``name`` (``factor.i``, ``root.i``, ``reference.i``) as ``[n, d, d]``:
+        with a context, packed storage is unpacked into a shared buffer (the plain step)."""
+        i = int(name.rsplit(".", 1)[1])
+        return full_matrix(state[name], self.block_shape[i], ctx, name)
 
     def transform_grad_for_outer_product(
         self, state: dict[str, Tensor], grad: Tensor, dim: int, ctx: Context
@@ -247,7 +264,7 @@ class ShampooPreconditioner(Preconditioner):
         for i in self.factor_dims:
             factor = state[f"factor.{i}"]
             x = self.transform_grad_for_outer_product(state, grad, i, ctx).to(factor.dtype)
-            accumulate_outer_(factor, x, i, ctx.ema2)
+            accumulate_outer_(factor, x, i, ctx.ema2, ctx)
 
     @classmethod
     def update_many(cls, jobs: Sequence[tuple[Preconditioner, dict[str, Tensor], Tensor, Context]]) -> None:
@@ -277,7 +294,8 @@ class ShampooPreconditioner(Preconditioner):
         cfg = self.config
         assert isinstance(cfg, _ShampooFamilyConfig)
         for i, alpha in self.exponents.items():
-            bias_corrected = state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype)
+            factor = self.full(state, f"factor.{i}")
+            bias_corrected = factor / bc2.to(factor.dtype)
             matrix = bias_corrected
             if cfg.use_trace_scaling:
                 matrix = trace_scale(bias_corrected, cfg.trace_scaling_exponent, eps)
@@ -317,19 +335,20 @@ class ShampooPreconditioner(Preconditioner):
             # Exactly symmetric (eigh's Q·diag·Qᵀ and Newton's products are so only up to
             # rounding): the plain step then multiplies by the root without transposing it.
             root = (root + root.mT).mul_(0.5)
-            commit_(state[root_key], root, commit & ~failed)
+            store_symmetric_(state[root_key], root, commit & ~failed)
             if f"reference.{i}" in state:  # snapshot for drift(); see there
-                commit_(state[f"reference.{i}"], bias_corrected, commit & ~failed)
+                store_symmetric_(state[f"reference.{i}"], bias_corrected, commit & ~failed)
             block_failed |= failed & commit
         return RefreshResult(block_failed, tuple(stats))
 
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
-        return apply_along_dims(grad, {i: state[f"root.{i}"] for i in self.factor_dims})
+        return apply_along_dims(grad, {i: self.full(state, f"root.{i}") for i in self.factor_dims})
 
     def precondition_into(
         self, state: dict[str, Tensor], grad: Tensor, ctx: Context, out: Tensor, scratch: Tensor
     ) -> None:
-        precondition_kronecker_into(grad, {i: state[f"root.{i}"] for i in self.factor_dims}, out, scratch)
+        roots = {i: self.full(state, f"root.{i}", ctx) for i in self.factor_dims}
+        precondition_kronecker_into(grad, roots, out, scratch)
 
     def drift(self, state: dict[str, Tensor], ctx: Context) -> Tensor | None:
         """Eigendecomposed: off-diagonal mass of each factor in its stored eigenbasis. Root-inverse
@@ -339,7 +358,8 @@ class ShampooPreconditioner(Preconditioner):
             return None
         if self.eigendecomposed:
             drifts = [
-                eigenbasis_drift(state[f"factor.{i}"], state[f"eigenvectors.{i}"]) for i in self.factor_dims
+                eigenbasis_drift(self.full(state, f"factor.{i}"), state[f"eigenvectors.{i}"])
+                for i in self.factor_dims
             ]
         else:
             if f"reference.{self.factor_dims[0]}" not in state:
@@ -347,7 +367,8 @@ class ShampooPreconditioner(Preconditioner):
             bc2 = per_block(ctx.bias_correction2, 3)
             drifts = [
                 relative_change(
-                    state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype), state[f"reference.{i}"]
+                    self.full(state, f"factor.{i}") / bc2.to(state[f"factor.{i}"].dtype),
+                    self.full(state, f"reference.{i}"),
                 )
                 for i in self.factor_dims
             ]
@@ -378,7 +399,7 @@ class KLShampooPreconditioner(ShampooPreconditioner):
     def transform_grad_for_outer_product(
         self, state: dict[str, Tensor], grad: Tensor, dim: int, ctx: Context
     ) -> Tensor:
-        others = {j: state[f"root.{j}"] for j in self.factor_dims if j != dim}
+        others = {j: self.full(state, f"root.{j}", ctx) for j in self.factor_dims if j != dim}
         scale = math.prod(self.block_shape[j] for j in range(self.order) if j != dim)
         return apply_along_dims(grad, others) * (scale**-0.5)
 
@@ -443,7 +464,7 @@ class KLShampooPreconditioner(ShampooPreconditioner):
                 pseudo_inverse=pseudo_inverse,
                 rank_rtol=rank_rtol,
             )
-            commit_(state[f"root.{i}"], (root + root.mT).mul_(0.5), refreshed)
+            store_symmetric_(state[f"root.{i}"], (root + root.mT).mul_(0.5), refreshed)
 
     def refresh(self, state: dict[str, Tensor], ctx: Context, commit: Tensor) -> RefreshResult:
         result = super().refresh(state, ctx, commit)

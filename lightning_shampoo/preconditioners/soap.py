@@ -48,6 +48,7 @@ from .base import (
     commit_,
     decay_,
     eigenbasis_drift,
+    full_matrix,
     per_block,
 )
 from .shampoo import check_exponent_override, is_dim
@@ -76,6 +77,7 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig, Trace
     factor_matrix_eigenvectors_dtype: torch.dtype | None = None
     corrected_eigenvalues_dtype: torch.dtype | None = None
     rotate_corrected_eigenvalues: bool = False
+    use_symmetric_packing: bool = True  # factors stored as their upper triangle (Distributed Shampoo's)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +112,7 @@ class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig, Trace
                 )
         check_exponent_override(self.inverse_exponent_override, per_dim=False, positive=True)
         require_bool("rotate_corrected_eigenvalues", self.rotate_corrected_eigenvalues)
+        require_bool("use_symmetric_packing", self.use_symmetric_packing)
 
 
 class SOAPPreconditioner(Preconditioner):
@@ -140,7 +143,8 @@ class SOAPPreconditioner(Preconditioner):
         schema: dict[str, StateSpec] = {}
         for i in self.basis_dims:
             d = self.block_shape[i]
-            schema[f"factor.{i}"] = StateSpec((d, d), cfg.factor_matrix_dtype or dtype)
+            symmetric = (d * (d + 1) // 2,) if cfg.use_symmetric_packing else (d, d)
+            schema[f"factor.{i}"] = StateSpec(symmetric, cfg.factor_matrix_dtype or dtype)
             schema[f"eigenvectors.{i}"] = StateSpec(
                 (d, d), cfg.factor_matrix_eigenvectors_dtype or dtype, "identity"
             )
@@ -173,7 +177,8 @@ class SOAPPreconditioner(Preconditioner):
         eps = ctx.block_epsilon(self.cfg.factor_matrix_dtype)
         for i in self.basis_dims:
             key = f"eigenvectors.{i}"
-            matrix = state[f"factor.{i}"] / bc2.to(state[f"factor.{i}"].dtype)
+            factor = full_matrix(state[f"factor.{i}"], self.block_shape[i], None, None)
+            matrix = factor / bc2.to(factor.dtype)
             if self.cfg.use_trace_scaling:
                 matrix = trace_scale(matrix, self.cfg.trace_scaling_exponent, eps)
             old = state[key].to(matrix.dtype, copy=True)  # commit_ writes state[key] in place
@@ -211,7 +216,12 @@ class SOAPPreconditioner(Preconditioner):
         """Off-diagonal mass of each factor in the stored eigenbasis (0 while it still diagonalises)."""
         if not self.basis_dims:
             return None
-        drifts = [eigenbasis_drift(state[f"factor.{i}"], state[f"eigenvectors.{i}"]) for i in self.basis_dims]
+        drifts = [
+            eigenbasis_drift(
+                full_matrix(state[f"factor.{i}"], self.block_shape[i], None, None), state[f"eigenvectors.{i}"]
+            )
+            for i in self.basis_dims
+        ]
         return torch.stack(drifts).amax(0)
 
     def _rotate_into(
