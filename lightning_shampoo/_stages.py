@@ -90,6 +90,9 @@ def gather(lane: Lane, grads: Sequence[Tensor | None]) -> tuple[Tensor, bool]:
             grad = grads[link.layout.index]
             if grad is None:
                 missing.append((slot, i))
+            elif link.grad_like_param is not None:
+                dsts.append(link.grad_like_param)
+                srcs.append(grad)
             else:
                 dsts.append(link.grad_rows)
                 srcs.append(_source(link, grad, processed))

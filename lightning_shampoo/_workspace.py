@@ -104,6 +104,10 @@ class RegionLink:
     grad_rows: Tensor  # rows of the lane's gradient buffer, [g₁, b₁, g₂, b₂, …]
     out_rows: Tensor  # rows of the lane's direction buffer
     row: int  # lane row of the region's first block
+    #: ``grad_rows`` in the parameter's own shape, where its blocks tile the whole parameter in
+    #: row-major order (one region whose rows are contiguous): a gradient of any strides is then
+    #: copied in as it is, with no view made per step.
+    grad_like_param: Tensor | None = None
 
 
 @dataclass
@@ -381,11 +385,11 @@ def _build_lane(
         links = []
         for m in b.members:
             base = numel + m.offset * math.prod(b.block_shape)
-            links.append(
-                RegionLink(
-                    m.param, m.region, _rows(m.region, grad, base), _rows(m.region, out, base), row + m.offset
-                )
-            )
+            grad_rows = _rows(m.region, grad, base)
+            whole = grad_rows.numel() == math.prod(m.param.shape) and grad_rows.is_contiguous()
+            like = grad_rows.view(m.param.shape) if whole else None
+            out_rows = _rows(m.region, out, base)
+            links.append(RegionLink(m.param, m.region, grad_rows, out_rows, row + m.offset, like))
         graft_ctx = replace(ctx, diagonal=_ema(table, _GRAFT, getattr(b.graft, "beta2", 1.0), rows))
         slots.append(Slot(b, st, ctx, graft_ctx, row, g, o, scratch, links))
         row += b.size
