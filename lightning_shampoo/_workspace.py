@@ -444,9 +444,13 @@ def _ema_table(
     )
     log_beta = torch.where(torch.isinf(log_c), 0.0, torch.log(beta.clamp_min(1e-300)))
     correction = torch.ones(_ROWS, n, dtype=dtype, device=device)
+    # ``keep`` and ``weight`` are the two halves of one tensor so that one ``where`` sets both:
+    # ``(β, 1−β)`` on live blocks, ``(1, 0)`` on dead ones.
+    keep_weight = torch.stack([torch.ones(_ROWS, n), torch.zeros(_ROWS, n)]).to(dtype=dtype, device=device)
     return {
-        "beta": beta.to(dtype),
-        "one_minus_beta": (1.0 - beta).to(dtype),
+        "live_keep_weight": torch.stack([beta, 1.0 - beta]).to(dtype),
+        "dead_keep_weight": torch.tensor([1.0, 0.0], dtype=dtype, device=device).view(2, 1, 1),
+        "keep_weight": keep_weight,
         "log_beta": log_beta,
         # log(c·β^-shift); 1 − c·βᵗ⁻ˢ is computed as −expm1(t·log β + offset)
         "offset": torch.where(torch.isinf(log_c), log_c, log_c - shift * log_beta),
@@ -454,8 +458,8 @@ def _ema_table(
         "power": torch.zeros(_ROWS, n, dtype=torch.float64, device=device),
         "correction": correction,
         "correction1": correction[_BETA1],
-        "keep": torch.ones(_ROWS, n, dtype=dtype, device=device),
-        "weight": torch.zeros(_ROWS, n, dtype=dtype, device=device),
+        "keep": keep_weight[0],
+        "weight": keep_weight[1],
         "root": torch.ones(_ROWS, n, dtype=dtype, device=device),
         "inverse1": torch.ones(n, dtype=dtype, device=device),
     }
