@@ -292,6 +292,7 @@ class _Layout:
             ),
             "max_preconditioner_dim": pick("max_preconditioner_dim", preset.max_preconditioner_dim),
             "use_merge_dims": preset.use_merge_dims,
+            "refresh_stagger": True,  # the same refreshes, spread over the interval
         }
         return {**opts, **self.kwargs}
 

@@ -157,6 +157,8 @@ class ShampooCallback(pl.Callback):
             # gives them Adam: a Kronecker factor of a vector is one d x d matrix (6-19% of the
             # transformer's step time in the convergence suite) for no measured gain.
             "skip_preconditioning_rank_lt": 2,
+            # The same refreshes spread over the interval (no step pays for all of them).
+            "refresh_stagger": True,
             **shampoo_kwargs,
         }
         self._check_options()
