@@ -180,3 +180,66 @@ def test_stagger_off_reports_phase_zero_and_validates() -> None:
     assert set(_make(model, stagger=False).refresh_phases().values()) == {0}
     with pytest.raises(ValueError, match="refresh_stagger"):
         ls.Shampoo(model.parameters(), refresh_stagger="yes")
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 24), nn.Linear(24, 24), nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _emulated_ranks(config, world: int | None, bucketing: bool = True) -> list[torch.Tensor]:
+    """Each 'rank' an optimizer holding only its blocks of one shared model (as
+    tests/test_distributed.py): equal parameters mean a block's staggered refreshes do not
+    depend on its bucket, its rank or the bucketing."""
+    model = _Mixed()
+    opts = []
+    for rank in range(world or 1):
+        opt = ls.Shampoo(
+            model.parameters(),
+            lr=0.02,
+            preconditioner_config=config,
+            max_preconditioner_dim=4,
+            precondition_frequency=3,
+            refresh_stagger=True,
+            grafting_config=ls.AdamPreconditionerConfig(),
+            use_bucketing=bucketing,
+        )
+        if world is not None:
+            owners = {(p, b): (7 * p + 3 * b) % world for p, b in opt.block_keys()}
+            opt.use_plan(opt.build_plan(world_size=world, owners=owners), rank)
+        opts.append(opt)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        for opt in opts:
+            opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        for opt in opts:
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ls.RootInvShampooPreconditionerConfig(),
+        ls.RootInvShampooPreconditionerConfig(amortized_computation_config=ls.CoupledNewtonConfig()),
+        ls.EigenvalueCorrectedShampooPreconditionerConfig(
+            amortized_computation_config=ls.QREigendecompositionConfig(reference_soap=True)
+        ),
+    ],
+    ids=["eigh", "newton", "soap_qr"],
+)
+def test_staggered_run_equals_across_ranks_and_bucketing(config) -> None:
+    reference = _emulated_ranks(config, None)
+    for other in (
+        _emulated_ranks(config, 2),
+        _emulated_ranks(config, 3),
+        _emulated_ranks(config, None, False),
+    ):
+        assert all(torch.equal(a, b) for a, b in zip(reference, other))
