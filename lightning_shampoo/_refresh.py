@@ -59,7 +59,11 @@ def block_phases(plan: BlockPlan, group: int, frequency: int) -> dict[BlockKey, 
             costs.update(dict.fromkeys(bucket.rows(), flops))
     keys = sorted(costs)
     keys = [keys[i] for i in sorted(range(len(keys)), key=lambda i: (i * _SCRAMBLE) % 2**32)]
-    return dict(zip(keys, lpt_assign([costs[k] for k in keys], frequency)))
+    # More phases than blocks (a huge frequency): one block per bin, bins spread evenly over
+    # the interval; the bins are the phases otherwise.
+    bins = max(1, min(frequency, len(keys)))
+    assigned = lpt_assign([costs[k] for k in keys], bins)
+    return {k: b * frequency // bins for k, b in zip(keys, assigned)}
 
 
 class RefreshSchedule:

@@ -243,3 +243,11 @@ def test_staggered_run_equals_across_ranks_and_bucketing(config) -> None:
         _emulated_ranks(config, None, False),
     ):
         assert all(torch.equal(a, b) for a, b in zip(reference, other))
+
+
+def test_more_phases_than_blocks_spread_over_the_interval() -> None:
+    model = _mlp()
+    opt = _make(model, stagger=True, frequency=10**9)
+    phases = opt.refresh_phases()
+    n = len(phases)
+    assert sorted(phases.values()) == [i * 10**9 // n for i in range(n)]
