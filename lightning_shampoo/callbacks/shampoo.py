@@ -238,6 +238,20 @@ class ShampooCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._distributed_hand_off(trainer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say what a resume from another optimizer's checkpoint took (the restore ran by now)."""
+        for optimizer in self.optimizers:
+            if optimizer.resume_note:
+                rank_zero_info(optimizer.resume_note)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Which optimizers were translated: in the checkpoint so that resuming it without this
+        callback makes Lightning name it among the callbacks the checkpoint was created with."""
+        return {"translated": [optimizer.origin for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the optimizers are rebuilt by ``configure_optimizers``."""
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
