@@ -138,7 +138,8 @@ def test_backbone_finetuning_with_configure_shampoo(tmp_path: Path) -> None:
 def test_finetuning_resumes_after_the_unfreeze(tmp_path: Path) -> None:
     """BackboneFinetuning puts its added group back on resume by assigning ``param_groups``;
     Shampoo follows (its plan gets the group again) and loads every block's state. Its callback
-    state holds Shampoo's group options (config objects): ``weights_only=False``. (Lightning
+    state holds Shampoo's group options (config objects), which the package allows in
+    ``weights_only=True`` loads (``_safe_globals``): torch's default loads it. (Lightning
     leaves the backbone's ``requires_grad`` off after such a resume, with AdamW as well, so the
     resumed run is not the uninterrupted one; what is checked is the restored optimizer.)"""
     half = Tuner(schedule=False)
@@ -146,7 +147,7 @@ def test_finetuning_resumes_after_the_unfreeze(tmp_path: Path) -> None:
     first.fit(half)
     path = tmp_path / "half.ckpt"
     first.save_checkpoint(path)
-    saved = torch.load(path, weights_only=False)["optimizer_states"][0]
+    saved = torch.load(path, weights_only=True)["optimizer_states"][0]
 
     restored: list[dict[str, Any]] = []
 
@@ -158,7 +159,7 @@ def test_finetuning_resumes_after_the_unfreeze(tmp_path: Path) -> None:
 
     resumed = Tuner(schedule=False)
     second = trainer(tmp_path / "b", epochs=3, callbacks=[drop_in(), finetuning(), Probe()])
-    second.fit(resumed, ckpt_path=path, weights_only=False)
+    second.fit(resumed, ckpt_path=path, weights_only=True)
     (state,) = restored
     assert len(state["param_groups"]) == 2
     assert state["param_groups"] == saved["param_groups"]
