@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import lightning_shampoo as ls
+from lightning_shampoo._translate import translate_optimizer
 from lightning_shampoo.callbacks import shampoo as shampoo_callback
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
@@ -316,3 +317,28 @@ def test_an_adamw_checkpoint_resumes_under_two_rank_ddp(ddp_job: Path) -> None:
     assert resumed[0]["groups"][0]["start"] == 4 + 4
     assert all(bool(torch.isfinite(p).all()) for p in longer[0]["params"].values())
     assert longer[0]["global_step"] == 4 + 3 + 4
+
+
+def test_a_group_added_in_the_wrapped_optimizers_terms_or_in_shampoos() -> None:
+    """Under the drop-in a group may be written as for the wrapped AdamW (its betas and eps mean
+    AdamW's) or in Shampoo's keys (taken as given); what it leaves out comes from the translation
+    of AdamW's defaults."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3))
+    adamw = torch.optim.AdamW(model[0].parameters(), lr=1e-3, betas=BETAS, eps=EPS, weight_decay=0.1)
+    shampoo = translate_optimizer(
+        adamw, drop_in().options, {id(p): n for n, p in model.named_parameters()}, 0.95
+    )
+    shampoo.add_param_group({"params": list(model[1].parameters()), "betas": (0.5, 0.9), "eps": 1e-6})
+    theirs = shampoo.param_groups[-1]
+    assert theirs["betas"] == (0.5, 0.95)
+    assert theirs["grafting_config"] == ls.AdamPreconditionerConfig(beta2=0.9, epsilon=1e-6)
+    assert theirs["lr"] == 1e-3 and theirs["weight_decay"] == 0.1 and theirs["use_decoupled_weight_decay"]
+    assert theirs["param_names"] == ["1.weight", "1.bias"]
+    shampoo.add_param_group({"params": list(model[2].parameters()), "epsilon": 1e-6, "momentum": 0.5})
+    ours = shampoo.param_groups[-1]
+    assert ours["epsilon"] == 1e-6 and ours["momentum"] == 0.5
+    assert ours["betas"] == (BETAS[0], 0.95)
+    assert ours["grafting_config"] == ls.AdamPreconditionerConfig(beta2=BETAS[1], epsilon=EPS)
+    refused = r"amsgrad=True has no Shampoo equivalent.*wrapped torch\.optim\.AdamW"
+    with pytest.raises(ValueError, match=refused):
+        shampoo.add_param_group({"params": [nn.Parameter(torch.ones(3, 3))], "amsgrad": True})
