@@ -244,14 +244,6 @@ class ShampooCallback(pl.Callback):
             if optimizer.resume_note:
                 rank_zero_info(optimizer.resume_note)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Which optimizers were translated: in the checkpoint so that resuming it without this
-        callback makes Lightning name it among the callbacks the checkpoint was created with."""
-        return {"translated": [optimizer.origin for optimizer in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Nothing to restore: the optimizers are rebuilt by ``configure_optimizers``."""
-
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -261,6 +253,12 @@ class ShampooCallback(pl.Callback):
         from ..strategies.ddp import consolidate_checkpoint
 
         consolidate_checkpoint(trainer, checkpoint)
+        # An entry under this callback's key, so that resuming the checkpoint without it makes
+        # Lightning name ShampooCallback among the callbacks the checkpoint was created with.
+        # Written here rather than by a ``state_dict`` method: that would make the callback
+        # "stateful" and Lightning would refuse a second instance before ``setup`` can explain.
+        origins = [optimizer.origin for optimizer in self.optimizers]
+        checkpoint.setdefault("callbacks", {})[self.state_key] = {"translated": origins}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()
