@@ -171,8 +171,7 @@ def convert(
                     state[index] = rows
                     mapped += 1
             index += 1
-        now["lr"] = then["lr"]
-        now.update({k: v for k, v in then.items() if k not in _TORCH_OPTIONS and k not in now})
+        now.update({k: v for k, v in then.items() if k not in _TORCH_OPTIONS})  # lr, initial_lr, …
         step = max(steps, default=0)
         now["step"] = step
         start = now.get("start_preconditioning_step")

@@ -213,7 +213,7 @@ class Shampoo(torch.optim.Optimizer):
         ``translate`` (the drop-in: a group in the wrapped optimizer's terms), and unnamed
         parameters named from ``names`` (``id(param) -> name``)."""
         if defaults is not None:
-            unknown = set(defaults) - set(self.defaults)
+            unknown = set(defaults) - set(self.defaults) - set(compat.DS_ONLY_KEYS)
             if unknown:
                 raise ValueError(f"defaults: unknown Shampoo keys {sorted(unknown)}")
             self.defaults.update(defaults)
