@@ -342,3 +342,60 @@ def test_a_group_added_in_the_wrapped_optimizers_terms_or_in_shampoos() -> None:
     refused = r"amsgrad=True has no Shampoo equivalent.*wrapped torch\.optim\.AdamW"
     with pytest.raises(ValueError, match=refused):
         shampoo.add_param_group({"params": [nn.Parameter(torch.ones(3, 3))], "amsgrad": True})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.01),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-3, alpha=0.95, momentum=0.5),
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+    ],
+    ids=["AdamW", "Adam", "SGD", "RMSprop", "Adagrad"],
+)
+def test_a_torch_optimizers_state_continues_block_by_block(make: Any) -> None:
+    """Every ``torch.optim`` source: its state cut into Shampoo's blocks (here several per
+    parameter, merged and split dims) continues it exactly until the moved start."""
+    torch.manual_seed(0)
+    shapes = [(6, 3, 2, 2), (9, 5), (7,), (1, 6)]
+    start = [nn.Parameter(torch.randn(s)) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(8)]
+    source_params = [nn.Parameter(p.detach().clone()) for p in start]
+    source = make(source_params[:2])  # two groups: the first two parameters, then the others
+    source.add_param_group({"params": source_params[2:]})
+    for step in range(5):
+        for p, g in zip(source_params, grads[step]):
+            p.grad = g.clone()
+        source.step()
+    saved = source.state_dict()
+    mirror = [nn.Parameter(p.detach().clone()) for p in source_params]
+    clone = make(mirror[:2])
+    clone.add_param_group({"params": mirror[2:]})
+    shampoo = translate_optimizer(
+        clone, {**drop_in().options, "max_preconditioner_dim": 4, "start_preconditioning_step": 3}, None, 0.95
+    )
+    shampoo.load_state_dict(saved)
+    assert shampoo.resume_note is not None and "4/4 parameter(s)" in shampoo.resume_note
+    assert all(g["start_preconditioning_step"] in (3, 5 + 3) for g in shampoo.param_groups)
+    for step in range(5, 7):  # grafting alone until the moved start: the source's own update
+        for p, q, g in zip(source_params, mirror, grads[step]):
+            p.grad, q.grad = g.clone(), g.clone()
+        source.step()
+        shampoo.step()
+    for p, q in zip(source_params, mirror):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert any(len(shampoo.plan.layout(i).regions) > 1 for i in range(2))  # blocks really split
+
+
+def test_a_torch_state_with_other_groups_is_refused_by_name() -> None:
+    a, b = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3))
+    source = torch.optim.AdamW([a, b])
+    a.grad, b.grad = torch.ones(3, 3), torch.ones(3)
+    source.step()
+    shampoo = translate_optimizer(torch.optim.AdamW([{"params": [a]}, {"params": [b]}]), drop_in().options)
+    with pytest.raises(
+        ValueError, match=r"torch.optim.AdamW's with parameters per group \[2\]; this Shampoo has \[1, 1\]"
+    ):
+        shampoo.load_state_dict(source.state_dict())
