@@ -297,6 +297,12 @@ def test_finetuning_under_two_rank_ddp(ddp_job: Path) -> None:
     blocks = set(map(tuple, runs[0]["blocks"]))
     assert held[0] | held[1] == blocks and not held[0] & held[1]  # every block, once, new ones too
     assert any(p >= 2 for p, _ in held[0] | held[1])
+    # resumed after the unfreeze: BackboneFinetuning's groups come back, Shampoo follows (sharded)
+    resumed = _ranks(ddp_job, "finetune_resumed")
+    _same_on_both_ranks(resumed)
+    assert resumed[0]["sharded"] and [g["params"] for g in resumed[0]["groups"]] == [2, 4]
+    assert resumed[0]["groups"][0]["step"] == 4 * 4 and resumed[0]["global_step"] == 4 * 4
+    assert resumed[0]["blocks"] == runs[0]["blocks"]
     # configure_shampoo under plain "ddp" is not sharded: the backbone, frozen when DDP wrapped the
     # model, gets no gradient averaging after the unfreeze (torch DDP's rule, the same with AdamW),
     # so the ranks' backbones differ; the added group is set up like the preset's matrices

@@ -56,11 +56,12 @@ def main(out: Path) -> None:
         torch.save(summary(module, t), out / f"{name}.rank{t.global_rank}.pt")
         runs.append((name, module, t))
 
-    run(
-        "finetune",
-        Tuner(schedule=False),
-        trainer(out, epochs=3, devices=2, callbacks=[drop_in(), finetuning()]),
-    )
+    tuned = out / "finetune.ckpt"
+    callbacks = [drop_in(), finetuning()]
+    run("finetune", Tuner(schedule=False), trainer(out, epochs=3, devices=2, callbacks=callbacks), save=tuned)
+    callbacks = [drop_in(), finetuning()]
+    t = trainer(out, epochs=4, devices=2, callbacks=callbacks)
+    run("finetune_resumed", Tuner(schedule=False), t, ckpt=tuned)
     run(
         "finetune_configure",
         Tuner("configure_shampoo", schedule=False),
