@@ -244,6 +244,12 @@ class ShampooCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._distributed_hand_off(trainer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say what a resume from another optimizer's checkpoint took (the restore ran by now)."""
+        for optimizer in self.optimizers:
+            if optimizer.resume_note:
+                rank_zero_info(optimizer.resume_note)
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -253,6 +259,12 @@ class ShampooCallback(pl.Callback):
         from ..strategies.ddp import consolidate_checkpoint
 
         consolidate_checkpoint(trainer, checkpoint)
+        # An entry under this callback's key, so that resuming the checkpoint without it makes
+        # Lightning name ShampooCallback among the callbacks the checkpoint was created with.
+        # Written here rather than by a ``state_dict`` method: that would make the callback
+        # "stateful" and Lightning would refuse a second instance before ``setup`` can explain.
+        origins = [optimizer.origin for optimizer in self.optimizers]
+        checkpoint.setdefault("callbacks", {})[self.state_key] = {"translated": origins}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()
