@@ -2,6 +2,7 @@
 
 from .averaging import ClassicMomentumConfig, GeneralizedPrimalAveragingConfig, ScheduleFreeConfig
 from .callbacks import (
+    IterateAveragingSwitch,
     PreconditionerHealthMonitor,
     PreconditionFrequencyScheduler,
     SGDFallback,
@@ -47,6 +48,7 @@ __all__ = [
     "EigenvalueCorrectedShampooPreconditionerConfig",
     "EighEigendecompositionConfig",
     "GeneralizedPrimalAveragingConfig",
+    "IterateAveragingSwitch",
     "KLShampooPreconditionerConfig",
     "NewtonSchulzOrthogonalizationConfig",
     "PSGDKronPreconditionerConfig",

@@ -2,6 +2,7 @@
 
     gather → guard → ema_table → statistics → [refresh] → after_refresh → filter
            → direction (precondition, graft, fallback) → weight decay → momentum → learning rate
+           → averaging (GPA / Schedule-Free, ``_averaging_stage``)
 
 Each stage takes the lane, per-group host facts (``GroupStep``) and tensors, and works on every
 bucket of the lane at once: elementwise work is one ``torch._foreach_*`` call (or one op on a
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._averaging_stage import averaging
 from ._workspace import Lane, Slot, shaped
 from .health import FALLBACK_CODES
 from .preconditioners import Preconditioner
@@ -30,6 +32,7 @@ __all__ = [
     "GroupStep",
     "after_refresh",
     "apply_updates",
+    "averaging",
     "direction",
     "ema_table",
     "filter_moments",
@@ -57,6 +60,7 @@ class GroupStep:
     dampening: float
     nesterov: bool
     torch_momentum: bool = False  # torch.optim.SGD's first step (undamped) instead of DS's
+    averaging: Any = None  # GeneralizedPrimalAveragingConfig / ScheduleFreeConfig, or None
 
 
 def _cached(lane: Lane, key: Any, build: Callable[[], Any]) -> Any:

@@ -6,7 +6,8 @@ from exactly that optimizer — before ``start_preconditioning_step`` it *is* th
 group by param group — and the LR schedulers returned with it are re-pointed at the replacement
 with their state intact. A module without ``configure_optimizers`` gets ``configure_shampoo``'s
 defaults. The callback also adds ``PreconditionFrequencyScheduler``, ``SGDFallback`` and
-``PreconditionerHealthMonitor`` to the trainer (each replaceable or switchable off).
+``PreconditionerHealthMonitor`` and ``IterateAveragingSwitch`` to the trainer (each replaceable or
+switchable off).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ..preconditioners import (
     SpectralDescentPreconditionerConfig,
 )
 from ..schedules import FrequencyScheduleSpec, LogFrequency
+from .averaging import IterateAveragingSwitch
 from .fallback import SGDFallback
 from .frequency import PreconditionFrequencyScheduler
 from .health import PreconditionerHealthMonitor
@@ -58,7 +60,8 @@ _FACTORED = (
     EigenvalueCorrectedShampooPreconditionerConfig,
 )
 
-# Group keys the wrapped optimizer decides (the translation sets them from its param groups).
+# Group keys the wrapped optimizer decides (the translation sets them from its param groups);
+# ``iterate_averaging_config`` too when it is ClassicMomentumConfig (GPA / Schedule-Free are ours).
 _FROM_SOURCE = (
     "lr",
     "betas",
@@ -71,7 +74,6 @@ _FROM_SOURCE = (
     "use_bias_correction",
     "use_torch_momentum",
     "weight_decay_type",
-    "iterate_averaging_config",
 )
 
 
@@ -102,6 +104,10 @@ class ShampooCallback(pl.Callback):
             to every Shampoo), an instance, or ``False``/``None``.
         health_monitor: ``True`` (``PreconditionerHealthMonitor()``), an instance, or off.
         fallback: ``True`` (``SGDFallback()``), an instance, or off.
+        averaging_switch: ``True`` (``IterateAveragingSwitch()``: with
+            ``iterate_averaging_config=ScheduleFreeConfig()`` / ``GeneralizedPrimalAveragingConfig()``
+            in ``shampoo_kwargs``, validation, test, prediction and checkpoints see the averaged
+            weights), an instance, or off. It does nothing for optimizers that do not average.
         shampoo_kwargs: further Shampoo options for every group (``beta3``, ``use_bucketing``,
             ``refresh_tolerance``, …); the ones the wrapped optimizer decides (lr, betas, weight
             decay, momentum, grafting) are refused. ``skip_preconditioning_rank_lt`` defaults to
@@ -121,6 +127,7 @@ class ShampooCallback(pl.Callback):
         frequency_scheduler: PreconditionFrequencyScheduler | FrequencyScheduleSpec | bool | None = True,
         health_monitor: PreconditionerHealthMonitor | bool | None = True,
         fallback: SGDFallback | bool | None = True,
+        averaging_switch: IterateAveragingSwitch | bool | None = True,
         **shampoo_kwargs: Any,
     ) -> None:
         self.preset: Preset = resolve_preset(preconditioner)
@@ -133,7 +140,8 @@ class ShampooCallback(pl.Callback):
                 "in configure_optimizers instead"
             )
         for key in shampoo_kwargs:
-            if key in _FROM_SOURCE:
+            averaging = shampoo_kwargs[key] if key == "iterate_averaging_config" else None
+            if key in _FROM_SOURCE or type(averaging).__name__ == "ClassicMomentumConfig":
                 raise ValueError(f"{key} comes from the wrapped optimizer; set it there")
             if (key not in GROUP_KEYS and key not in _CONSTRUCTOR_ONLY) or key == "preconditioner_config":
                 raise ValueError(f"unknown argument {key!r} (not a ShampooCallback or Shampoo argument)")
@@ -165,6 +173,7 @@ class ShampooCallback(pl.Callback):
         self.frequency_scheduler = self._make_frequency_scheduler(frequency_scheduler)
         self.health_monitor = _component("health_monitor", health_monitor, PreconditionerHealthMonitor)
         self.fallback = _component("fallback", fallback, SGDFallback)
+        self.averaging_switch = _component("averaging_switch", averaging_switch, IterateAveragingSwitch)
         self._installed: tuple[pl.LightningModule, Any] | None = None
         self._log: Any = None
 
@@ -193,7 +202,7 @@ class ShampooCallback(pl.Callback):
     @property
     def callbacks(self) -> list[pl.Callback]:
         """The helper callbacks this one adds to the trainer (those switched on)."""
-        parts = (self.frequency_scheduler, self.fallback, self.health_monitor)
+        parts = (self.frequency_scheduler, self.fallback, self.health_monitor, self.averaging_switch)
         return [c for c in parts if c is not None]
 
     # ----------------------------------------------------------------------------- lightning

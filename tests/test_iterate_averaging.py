@@ -1,0 +1,276 @@
+"""Iterate averaging wired into ``Shampoo`` (GPA, Schedule-Free) and its train ↔ eval switching.
+
+* on a quadratic, the optimizer's parameters follow the pure updates of ``averaging.py`` (closed
+  form) for GPA and for Schedule-Free with a warm-up learning rate;
+* Schedule-Free with a diagonal Adam preconditioner is schedule-free AdamW, written out here;
+* ``eval()`` gives the averaged ``x`` and ``train()`` restores ``y`` bitwise; resuming from a
+  checkpoint (saved in either mode) continues bitwise;
+* skipped blocks keep ``y``, ``z`` and Schedule-Free's sum.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_shampoo import (
+    AdamPreconditionerConfig,
+    GeneralizedPrimalAveragingConfig,
+    ScheduleFreeConfig,
+    SGDPreconditionerConfig,
+    Shampoo,
+)
+from lightning_shampoo.averaging import averaging_step_, schedule_free_eval_coefficient, train_to_eval_
+
+F64 = torch.float64
+LRS = [0.02, 0.05, 0.1, 0.1, 0.1, 0.08, 0.05, 0.05]  # a warm-up and a decay
+
+
+def _problem(seed: int = 0) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Two parameters (a 3×4 matrix, a 4-vector) of ``½ Σ (w − w*)ᵀ A (w − w*)`` per row."""
+    g = torch.Generator().manual_seed(seed)
+    start = [torch.randn(3, 4, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)]
+    m = torch.randn(4, 4, generator=g, dtype=F64)
+    a = m @ m.mT / 4 + torch.eye(4, dtype=F64)
+    targets = [torch.randn(3, 4, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)]
+    return start, [a, a], targets
+
+
+def _grads(params: list[Tensor], a: list[Tensor], targets: list[Tensor]) -> list[Tensor]:
+    return [(p - t) @ m for p, m, t in zip(params, a, targets)]
+
+
+def _sgd_shampoo(params: list[Tensor], config: object, lr: float = LRS[0]) -> Shampoo:
+    """Shampoo reduced to its base step ``−lr·g`` (no preconditioning, filtering or grafting)."""
+    return Shampoo(
+        params,
+        lr=lr,
+        betas=(0.0, 1.0),
+        preconditioner_config=SGDPreconditionerConfig(),
+        iterate_averaging_config=config,
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GeneralizedPrimalAveragingConfig(eval_interp_coeff=0.9, train_interp_coeff=0.8),
+        GeneralizedPrimalAveragingConfig(eval_interp_coeff=0.5, train_interp_coeff=1.0),
+        ScheduleFreeConfig(train_interp_coeff=0.9),
+        ScheduleFreeConfig(train_interp_coeff=0.5, eval_coeff_lr_power=1),
+    ],
+    ids=["gpa", "gpa-heavy-ball", "schedule-free", "schedule-free-p1"],
+)
+def test_closed_form_on_a_quadratic(config: object) -> None:
+    start, a, targets = _problem()
+    params = [p.clone().requires_grad_() for p in start]
+    optimizer = _sgd_shampoo(params, config)
+    ys, zs = [p.clone() for p in start], [p.clone() for p in start]
+    lr_sum = torch.zeros((), dtype=F64)
+    for lr in LRS:
+        optimizer.param_groups[0]["lr"] = lr
+        for p, g in zip(params, _grads([p.detach() for p in params], a, targets)):
+            p.grad = g
+        optimizer.step()
+        if isinstance(config, ScheduleFreeConfig):
+            mu_x = schedule_free_eval_coefficient(lr, lr_sum, config.eval_coeff_lr_power)
+        else:
+            mu_x = config.eval_interp_coeff  # type: ignore[attr-defined]
+        updates = [-lr * g for g in _grads(ys, a, targets)]
+        averaging_step_(ys, zs, updates, mu_x, config.train_interp_coeff)  # type: ignore[attr-defined]
+        for p, y in zip(params, ys):
+            torch.testing.assert_close(p.detach(), y, rtol=1e-12, atol=1e-13)
+    assert (ys[0] - start[0]).norm() > 0.1  # it moved
+    xs = [y.clone() for y in ys]
+    train_to_eval_(xs, zs, config.train_interp_coeff)  # type: ignore[attr-defined]
+    optimizer.eval()
+    for p, x in zip(params, xs):
+        torch.testing.assert_close(p.detach(), x, rtol=1e-12, atol=1e-13)
+    z_state = optimizer.block_state((1, 0))["moments.averaging_z"]
+    torch.testing.assert_close(z_state, zs[1], rtol=1e-12, atol=1e-13)
+
+
+def test_schedule_free_adam_is_schedule_free_adamw() -> None:
+    """Defazio et al.'s AdamW variant in the form of this package's Adam denominator
+    (``sqrt(v)/sqrt(1−β₂ᵗ) + ε``), decoupled decay at ``y`` and averaging weights ``lr²``."""
+    beta2, eps, wd, mu_y = 0.99, 1e-8, 0.05, 0.9
+    start, a, targets = _problem(seed=2)
+    params = [p.clone().requires_grad_() for p in start]
+    optimizer = Shampoo(
+        params,
+        lr=LRS[0],
+        betas=(0.0, beta2),
+        weight_decay=wd,
+        preconditioner_config=AdamPreconditionerConfig(beta2=beta2, epsilon=eps),
+        iterate_averaging_config=ScheduleFreeConfig(train_interp_coeff=mu_y),
+    )
+    y = [p.clone() for p in start]
+    z = [p.clone() for p in start]
+    x = [p.clone() for p in start]
+    v = [torch.zeros_like(p) for p in start]
+    total = 0.0
+    for t, lr in enumerate(LRS, start=1):
+        optimizer.param_groups[0]["lr"] = lr
+        for p, g in zip(params, _grads([p.detach() for p in params], a, targets)):
+            p.grad = g
+        optimizer.step()
+        total += lr**2
+        for i, g in enumerate(_grads(y, a, targets)):  # the reference, a few lines
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            z[i] = z[i] - lr * (g / (v[i].sqrt() / (1 - beta2**t) ** 0.5 + eps) + wd * y[i])
+            x[i] = (1 - lr**2 / total) * x[i] + lr**2 / total * z[i]
+            y[i] = mu_y * x[i] + (1 - mu_y) * z[i]
+        for p, ref in zip(params, y):
+            torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-13)
+    optimizer.eval()
+    for p, ref in zip(params, x):
+        torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-13)
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+def _batches(steps: int) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)) for _ in range(steps)]
+
+
+def _shampoo(model: nn.Module, config: object) -> Shampoo:
+    return Shampoo(
+        model.parameters(),
+        lr=0.02,
+        betas=(0.0, 0.95),
+        epsilon=1e-10,
+        precondition_frequency=2,
+        grafting_config=AdamPreconditionerConfig(beta2=0.99, epsilon=1e-8),
+        iterate_averaging_config=config,
+    )
+
+
+def _train(model: nn.Module, optimizer: Shampoo, batches: list[tuple[Tensor, Tensor]]) -> None:
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+
+
+CONFIGS = [GeneralizedPrimalAveragingConfig(), ScheduleFreeConfig()]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["gpa", "schedule-free"])
+def test_train_eval_round_trip_is_bitwise(config: object) -> None:
+    model = _net()
+    optimizer = _shampoo(model, config)
+    _train(model, optimizer, _batches(5))
+    y = [p.detach().clone() for p in model.parameters()]
+    optimizer.eval()
+    assert not optimizer.training
+    x = [p.detach().clone() for p in model.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(x, y))
+    optimizer.eval()  # already in eval mode: nothing moves
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), x))
+    with pytest.raises(RuntimeError, match=r"optimizer.train\(\)"):
+        optimizer.step()
+    optimizer.train()
+    assert optimizer.training
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), y))
+
+
+def test_eval_before_any_step_keeps_the_parameters() -> None:
+    model = _net()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = _shampoo(model, ScheduleFreeConfig())
+    optimizer.eval()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def _roundtrip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["gpa", "schedule-free"])
+@pytest.mark.parametrize("saved_in", ["train", "eval"])
+def test_checkpoint_resume_is_bitwise(config: object, saved_in: str) -> None:
+    batches = _batches(8)
+    model = _net()
+    optimizer = _shampoo(model, config)
+    _train(model, optimizer, batches)
+
+    first = _net()
+    first_optimizer = _shampoo(first, config)
+    _train(first, first_optimizer, batches[:4])
+    if saved_in == "eval":  # as Lightning's checkpoints: the averaged weights and eval-mode state
+        first_optimizer.eval()
+    model_state = _roundtrip(copy.deepcopy(first.state_dict()))
+    optimizer_state = _roundtrip(first_optimizer.state_dict())
+
+    resumed = _net(seed=9)
+    resumed.load_state_dict(model_state)
+    resumed_optimizer = _shampoo(resumed, config)
+    resumed_optimizer.load_state_dict(optimizer_state)
+    assert resumed_optimizer.training is (saved_in == "train")
+    resumed_optimizer.train()
+    _train(resumed, resumed_optimizer, batches[4:])
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    optimizer.eval()
+    resumed_optimizer.eval()
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_skipped_blocks_keep_their_sequences() -> None:
+    """A block without a gradient this step keeps ``y``, ``z`` and Schedule-Free's sum."""
+    model = _net()
+    optimizer = _shampoo(model, ScheduleFreeConfig())
+    _train(model, optimizer, _batches(3))
+    first = model[0].weight
+    before, other = first.detach().clone(), model[2].weight.detach().clone()
+    z = optimizer.block_state((0, 0))["moments.averaging_z"].clone()
+    lr_sum = optimizer.block_state((0, 0))["status.averaging_lr_sum"].clone()
+    inputs, targets = _batches(1)[0]
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(inputs), targets).backward()
+    first.grad = None
+    optimizer.step()
+    assert torch.equal(first.detach(), before)
+    assert torch.equal(optimizer.block_state((0, 0))["moments.averaging_z"], z)
+    assert torch.equal(optimizer.block_state((0, 0))["status.averaging_lr_sum"], lr_sum)
+    assert not torch.equal(model[2].weight.detach(), other)  # the others moved
+
+
+def test_groups_without_averaging_are_left_alone() -> None:
+    model = _net()
+    optimizer = Shampoo(
+        [
+            {"params": list(model[0].parameters()), "iterate_averaging_config": ScheduleFreeConfig()},
+            {"params": list(model[2].parameters())},
+        ],
+        lr=0.02,
+        betas=(0.0, 0.95),
+        grafting_config=AdamPreconditionerConfig(beta2=0.99, epsilon=1e-8),
+    )
+    _train(model, optimizer, _batches(4))
+    plain = [p.detach().clone() for p in model[2].parameters()]
+    averaged = [p.detach().clone() for p in model[0].parameters()]
+    optimizer.eval()
+    assert all(torch.equal(p, b) for p, b in zip(model[2].parameters(), plain))
+    assert all(not torch.equal(p, b) for p, b in zip(model[0].parameters(), averaged))
+    assert optimizer.param_groups[0]["train_mode"] is False and "train_mode" not in optimizer.param_groups[1]
+    optimizer.train()
+    assert all(torch.equal(p, b) for p, b in zip(model[0].parameters(), averaged))
+
+
+def test_refusals() -> None:
+    model = _net()
+    with pytest.raises(ValueError, match="replaces momentum"):
+        Shampoo(model.parameters(), momentum=0.9, iterate_averaging_config=ScheduleFreeConfig())
