@@ -2,8 +2,10 @@
 
 The stage runs after ``learning_rate``, when the lane's direction buffer holds the base
 optimizer's update ``U = −lr·P``. For the rows of groups with an ``iterate_averaging_config`` it
-advances the base iterates ``z ← z + U`` and turns ``U`` into the change of the train point
-(Distributed Shampoo's form, ``averaging.averaging_step_``)::
+shrinks ``z ← (1 − lr·wd)·z`` for decoupled weight decay (Distributed Shampoo's place for it
+under averaging: ``P`` carries no decay term), advances the base iterates ``z ← z + U`` and
+turns ``U`` into the change of the train point (Distributed Shampoo's form,
+``averaging.averaging_step_``)::
 
     y⁺ − y = (1 − μ_x)(z − y) + (1 − μ_x μ_y)·U
 
@@ -54,7 +56,7 @@ def _per_row(lane: Lane, slots: Sequence[Slot], value: Callable[[Slot], float]) 
 class _Plan:
     """Cached lists and constants of one lane's averaging rows (per set of group configs)."""
 
-    def __init__(self, lane: Lane, by_group: Sequence[Any]) -> None:
+    def __init__(self, lane: Lane, by_group: Sequence[Any], decays: Sequence[float]) -> None:
         self.slots = [s for s in lane.slots if by_group[s.bucket.group] is not None]
         configs = {s.bucket.key: by_group[s.bucket.group] for s in self.slots}
         self.free = [s for s in self.slots if isinstance(configs[s.bucket.key], ScheduleFreeConfig)]
@@ -64,7 +66,11 @@ class _Plan:
         self.one_minus_mu_y = 1.0 - self.mu_y
         self.gpa_cx = _per_row(lane, gpa, lambda s: 1.0 - configs[s.bucket.key].eval_interp_coeff)
         self.free_mask = _per_row(lane, self.free, lambda s: 1.0).bool() if gpa else None
-        self.lr_views = [s.rows(lane.vectors["avg_lr"]) for s in self.free]
+        self.lr_views = [s.rows(lane.vectors["avg_lr"]) for s in self.slots]
+        decayed = [s for s in self.slots if decays[s.bucket.group] != 0.0]
+        self.decay = _per_row(lane, decayed, lambda s: decays[s.bucket.group]) if decayed else None
+        self.decay_views = [shaped(lane.vectors["decay"], s, s.out.ndim) for s in decayed]
+        self.decayed_z = [s.state["moments"]["averaging_z"] for s in decayed]
         self.links = [link for s in self.slots for link in s.links]
         self.z_rows = [rows for s in self.slots for rows in averaging_rows(s, "averaging_z")]
         self.y_rows = [rows for s in self.slots for rows in averaging_rows(s, "averaging_y")]
@@ -76,39 +82,50 @@ class _Plan:
         self.others = [link for s in lane.slots if s not in self.slots for link in s.links]
 
 
-def _plan(lane: Lane, by_group: Sequence[Any]) -> _Plan:
-    """``by_group``: each param group's averaging config, or ``None``."""
-    key = ("averaging", tuple(by_group))
-    plan: _Plan = _cached(lane, key, lambda: _Plan(lane, by_group))
+def _plan(lane: Lane, by_group: Sequence[Any], decays: Sequence[float] = ()) -> _Plan:
+    """``by_group``: each param group's averaging config, or ``None``; ``decays``: each group's
+    decoupled weight decay (0 for none or L2)."""
+    decays = tuple(decays) or (0.0,) * len(by_group)
+    key = ("averaging", tuple(by_group), decays)
+    plan: _Plan = _cached(lane, key, lambda: _Plan(lane, by_group, decays))
     return plan
 
 
+def _learning_rates(lane: Lane, plan: _Plan, steps: Sequence[GroupStep]) -> None:
+    """Each averaging row's learning rate into ``avg_lr`` (no sync for tensor rates)."""
+    rates = [steps[s.bucket.group].lr for s in plan.slots]
+    if any(isinstance(r, Tensor) for r in rates):
+        for view, rate in zip(plan.lr_views, rates):
+            if isinstance(rate, Tensor):  # a non-finite or negative lr steps nothing (no sync)
+                view.copy_(torch.where(torch.isfinite(rate) & (rate >= 0), rate, 0.0))
+            else:
+                view.fill_(rate)
+    else:
+        torch._foreach_zero_(plan.lr_views)
+        torch._foreach_add_(plan.lr_views, [float(r) for r in rates])
+
+
 def _coefficients(lane: Lane, plan: _Plan, steps: Sequence[GroupStep]) -> None:
-    """``avg_cx = (1 − μ_x)·ok`` and ``avg_cu = 1 − μ_x μ_y = (1 − μ_y) + μ_y·avg_cx``."""
+    """``decay = 1 − lr·wd·ok`` (decoupled decay), ``avg_cx = (1 − μ_x)·ok`` and
+    ``avg_cu = 1 − μ_x μ_y = (1 − μ_y) + μ_y·avg_cx``."""
     v = lane.vectors
     v["ok_f"].copy_(v["ok"])
+    if plan.free or plan.decay is not None:
+        _learning_rates(lane, plan, steps)
+    if plan.decay is not None:
+        torch.mul(v["avg_lr"], plan.decay, out=v["decay"])
+        v["decay"].mul_(v["ok_f"]).neg_().add_(1.0)
     cx = v["avg_cx"]
     if plan.free:
-        rates = [steps[s.bucket.group].lr for s in plan.free]
-        if any(isinstance(r, Tensor) for r in rates):
-            for view, rate in zip(plan.lr_views, rates):
-                if isinstance(rate, Tensor):  # a non-finite or negative lr steps nothing (no sync)
-                    view.copy_(torch.where(torch.isfinite(rate) & (rate >= 0), rate, 0.0))
-                else:
-                    view.fill_(rate)
-        else:
-            torch._foreach_zero_(plan.lr_views)
-            torch._foreach_add_(plan.lr_views, [float(r) for r in rates])
-        (power,) = plan.power if len(plan.power) == 1 else (None,)
         lr = v["avg_lr"]
-        if power is None:  # groups with different powers: one op per group (rare)
+        if len(plan.power) == 1:
+            lr.pow_(next(iter(plan.power)))
+        else:  # groups with different powers: one op per bucket (rare)
             for s in plan.free:
                 s.rows(lr).pow_(steps[s.bucket.group].averaging.eval_coeff_lr_power)
-        else:
-            lr.pow_(power)
         lr.mul_(v["ok_f"])
         lr_sum = lane.status["averaging_lr_sum"]
-        lr_sum.add_(lr)
+        lr_sum.add_(lr)  # rows of GPA groups add to a sum nobody reads
         torch.clamp(lr_sum, min=_TINY, out=v["aux"])
         torch.div(lr, v["aux"], out=cx)
         if plan.free_mask is not None:
@@ -120,13 +137,17 @@ def _coefficients(lane: Lane, plan: _Plan, steps: Sequence[GroupStep]) -> None:
 
 
 def averaging(lane: Lane, steps: Sequence[GroupStep], param_views: Callable[[Any], Tensor]) -> None:
-    """The averaging stage (module docstring): ``z += U``, ``U ← (1−μ_xμ_y)U + (1−μ_x)(z_old − y)``."""
+    """The averaging stage (module docstring): ``z ← (1 − lr·wd)z``, then ``z += U`` and
+    ``U ← (1−μ_xμ_y)U + (1−μ_x)(z − y)`` with the ``z`` before ``U``."""
     if all(s.averaging is None for s in steps):
         return
-    plan = _plan(lane, [s.averaging for s in steps])
+    decays = [s.weight_decay if s.decoupled and s.averaging is not None else 0.0 for s in steps]
+    plan = _plan(lane, [s.averaging for s in steps], decays)
     if not plan.slots:
         return
     _coefficients(lane, plan, steps)
+    if plan.decayed_z:
+        torch._foreach_mul_(plan.decayed_z, plan.decay_views)
     grad_rows = [link.grad_rows for link in plan.links]
     torch._foreach_copy_(grad_rows, plan.z_rows)
     torch._foreach_sub_(grad_rows, [param_views(link) for link in plan.links])

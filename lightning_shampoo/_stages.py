@@ -401,12 +401,15 @@ def _fallback(lane: Lane, slot: Slot, m: Tensor) -> None:
 
 def weight_decay(lane: Lane, steps: Sequence[GroupStep], param_views: Callable[[Any], Tensor]) -> None:
     """Decoupled weight decay ``d += wd·p`` on blocks that are stepped (``ok``), before momentum
-    (Distributed Shampoo's order), through each region's strided views: one foreach call."""
+    (Distributed Shampoo's order), through each region's strided views: one foreach call. Groups
+    with iterate averaging shrink ``z`` instead (the ``averaging`` stage), as Distributed Shampoo."""
     links = [
         (link, steps[slot.bucket.group].weight_decay)
         for slot in lane.slots
         for link in slot.links
-        if steps[slot.bucket.group].decoupled and steps[slot.bucket.group].weight_decay != 0.0
+        if steps[slot.bucket.group].decoupled
+        and steps[slot.bucket.group].weight_decay != 0.0
+        and steps[slot.bucket.group].averaging is None
     ]
     if not links:
         return

@@ -44,11 +44,12 @@ def _grads(params: list[Tensor], a: list[Tensor], targets: list[Tensor]) -> list
     return [(p - t) @ m for p, m, t in zip(params, a, targets)]
 
 
-def _sgd_shampoo(params: list[Tensor], config: object, lr: float = LRS[0]) -> Shampoo:
+def _sgd_shampoo(params: list[Tensor], config: object, weight_decay: float = 0.0) -> Shampoo:
     """Shampoo reduced to its base step ``−lr·g`` (no preconditioning, filtering or grafting)."""
     return Shampoo(
         params,
-        lr=lr,
+        lr=LRS[0],
+        weight_decay=weight_decay,
         betas=(0.0, 1.0),
         preconditioner_config=SGDPreconditionerConfig(),
         iterate_averaging_config=config,
@@ -65,10 +66,13 @@ def _sgd_shampoo(params: list[Tensor], config: object, lr: float = LRS[0]) -> Sh
     ],
     ids=["gpa", "gpa-heavy-ball", "schedule-free", "schedule-free-p1"],
 )
-def test_closed_form_on_a_quadratic(config: object) -> None:
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_closed_form_on_a_quadratic(config: object, weight_decay: float) -> None:
+    """The pure updates of ``averaging.py``; decoupled weight decay shrinks ``z`` by
+    ``1 − lr·wd`` before the step (Distributed Shampoo's: the direction carries no decay)."""
     start, a, targets = _problem()
     params = [p.clone().requires_grad_() for p in start]
-    optimizer = _sgd_shampoo(params, config)
+    optimizer = _sgd_shampoo(params, config, weight_decay)
     ys, zs = [p.clone() for p in start], [p.clone() for p in start]
     lr_sum = torch.zeros((), dtype=F64)
     for lr in LRS:
@@ -81,6 +85,7 @@ def test_closed_form_on_a_quadratic(config: object) -> None:
         else:
             mu_x = config.eval_interp_coeff  # type: ignore[attr-defined]
         updates = [-lr * g for g in _grads(ys, a, targets)]
+        torch._foreach_mul_(zs, 1.0 - lr * weight_decay)
         averaging_step_(ys, zs, updates, mu_x, config.train_interp_coeff)  # type: ignore[attr-defined]
         for p, y in zip(params, ys):
             torch.testing.assert_close(p.detach(), y, rtol=1e-12, atol=1e-13)
@@ -95,9 +100,10 @@ def test_closed_form_on_a_quadratic(config: object) -> None:
 
 
 def test_schedule_free_adam_is_schedule_free_adamw() -> None:
-    """Defazio et al.'s AdamW variant in the form of this package's Adam denominator
-    (``sqrt(v)/sqrt(1−β₂ᵗ) + ε``), decoupled decay at ``y`` and averaging weights ``lr²``."""
-    beta2, eps, wd, mu_y = 0.99, 1e-8, 0.05, 0.9
+    """Defazio et al.'s AdamW variant (three sequences) with this package's Adam denominator
+    (``sqrt(v)/sqrt(1−β₂ᵗ) + ε``) and averaging weights ``lr²``. (Decoupled weight decay is
+    Distributed Shampoo's — it shrinks ``z`` — and is pinned by the closed-form test.)"""
+    beta2, eps, wd, mu_y = 0.99, 1e-8, 0.0, 0.9
     start, a, targets = _problem(seed=2)
     params = [p.clone().requires_grad_() for p in start]
     optimizer = Shampoo(
@@ -121,7 +127,7 @@ def test_schedule_free_adam_is_schedule_free_adamw() -> None:
         total += lr**2
         for i, g in enumerate(_grads(y, a, targets)):  # the reference, a few lines
             v[i] = beta2 * v[i] + (1 - beta2) * g * g
-            z[i] = z[i] - lr * (g / (v[i].sqrt() / (1 - beta2**t) ** 0.5 + eps) + wd * y[i])
+            z[i] = z[i] - lr * g / (v[i].sqrt() / (1 - beta2**t) ** 0.5 + eps)
             x[i] = (1 - lr**2 / total) * x[i] + lr**2 / total * z[i]
             y[i] = mu_y * x[i] + (1 - mu_y) * z[i]
         for p, ref in zip(params, y):

@@ -24,9 +24,9 @@ MU_Y = 0.9
 class Regression(pl.LightningModule):
     """A small MLP on random regression data; records what training and validation see."""
 
-    def __init__(self, batch_size: int = 8) -> None:
+    def __init__(self, batch_size: int = 8, own_shampoo: bool = False) -> None:
         super().__init__()
-        self.batch_size = batch_size
+        self.batch_size, self.own_shampoo = batch_size, own_shampoo
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
         self.train_seen: list[list[Tensor]] = []
@@ -53,6 +53,12 @@ class Regression(pl.LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
+        if self.own_shampoo:  # with IterateAveragingSwitch in the trainer instead of the drop-in
+            return Shampoo(
+                self.parameters(),
+                lr=1e-2,
+                iterate_averaging_config=ScheduleFreeConfig(train_interp_coeff=MU_Y),
+            )
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
     def train_dataloader(self) -> DataLoader:
@@ -68,14 +74,16 @@ def _loader(seed: int, batch_size: int = 8) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def _trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
-    callback = ShampooCallback(
-        "shampoo",
-        precondition_frequency=2,
-        iterate_averaging_config=ScheduleFreeConfig(train_interp_coeff=MU_Y),
-        frequency_scheduler=False,
-        health_monitor=False,
-    )
+def _trainer(tmp_path: Path, drop_in: bool = True, **kwargs: Any) -> pl.Trainer:
+    callback: pl.Callback = IterateAveragingSwitch()
+    if drop_in:
+        callback = ShampooCallback(
+            "shampoo",
+            precondition_frequency=2,
+            iterate_averaging_config=ScheduleFreeConfig(train_interp_coeff=MU_Y),
+            frequency_scheduler=False,
+            health_monitor=False,
+        )
     options: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
@@ -97,11 +105,11 @@ def _x_of(y: list[Tensor], z: list[Tensor], params: list[Tensor]) -> list[Tensor
     return [t.view_as(p) for t, p in zip(x, params)]
 
 
-def test_validation_sees_the_averaged_weights(tmp_path: Path) -> None:
-    module = Regression()
-    trainer = _trainer(tmp_path, max_epochs=1, val_check_interval=3, limit_val_batches=1)
+@pytest.mark.parametrize("drop_in", [True, False], ids=["shampoo-callback", "switch"])
+def test_validation_sees_the_averaged_weights(tmp_path: Path, drop_in: bool) -> None:
+    module = Regression(own_shampoo=not drop_in)
+    trainer = _trainer(tmp_path, drop_in=drop_in, max_epochs=1, val_check_interval=3, limit_val_batches=1)
     trainer.fit(module)
-    assert any(isinstance(c, IterateAveragingSwitch) for c in trainer.callbacks)  # type: ignore[attr-defined]
     assert len(module.val_seen) == 2 and len(module.train_seen) == 6
     for seen in module.val_seen:
         expected = _x_of(seen["y"], seen["z"], seen["params"])

@@ -6,8 +6,8 @@ A ``Shampoo`` with ``iterate_averaging_config`` (GPA, Schedule-Free) holds the g
 when training ends, and ``optimizer.train()`` when training (re)starts, on every ``Shampoo`` of
 the trainer that averages (others are left alone). A checkpoint saved while training holds the
 averaged weights in ``state_dict`` and the optimizer state of eval mode, whose saved ``y``
-``train()`` restores bitwise on resume. ``ShampooCallback`` adds it; with ``configure_shampoo``
-or a ``Shampoo`` of your own, add it to the trainer yourself.
+``train()`` restores bitwise on resume. ``ShampooCallback`` runs one from its own hooks; with
+``configure_shampoo`` or a ``Shampoo`` of your own, add it to the trainer yourself.
 """
 
 from __future__ import annotations
@@ -61,15 +61,16 @@ class IterateAveragingSwitch(pl.Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval(trainer)
 
-    def on_save_checkpoint(
+    def on_save_checkpoint(  # type: ignore[override]
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
+    ) -> bool:
         """Lightning took the module's and optimizers' state before this hook: when an averaging
-        optimizer is training, take them again in eval mode (cloned), then switch back.
-        Collective under the Shampoo strategies (every rank runs this hook)."""
+        optimizer is training, take them again in eval mode (cloned, and consolidated as
+        ``ShampooCallback`` does), then switch back; returns whether it did. Collective under the
+        Shampoo strategies and plain DDP (every rank runs this hook)."""
         training = [o for o in _averaging(trainer) if o.training]
         if not training:
-            return
+            return False
         for optimizer in training:
             optimizer.eval()
         strategy = trainer.strategy
@@ -82,3 +83,4 @@ class IterateAveragingSwitch(pl.Callback):
             consolidate_checkpoint(trainer, checkpoint)
         for optimizer in training:
             optimizer.train()
+        return "optimizer_states" in checkpoint

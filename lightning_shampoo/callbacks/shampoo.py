@@ -6,8 +6,9 @@ from exactly that optimizer — before ``start_preconditioning_step`` it *is* th
 group by param group — and the LR schedulers returned with it are re-pointed at the replacement
 with their state intact. A module without ``configure_optimizers`` gets ``configure_shampoo``'s
 defaults. The callback also adds ``PreconditionFrequencyScheduler``, ``SGDFallback`` and
-``PreconditionerHealthMonitor`` and ``IterateAveragingSwitch`` to the trainer (each replaceable or
-switchable off).
+``PreconditionerHealthMonitor`` to the trainer (each replaceable or switchable off), and runs an
+``IterateAveragingSwitch`` from its own hooks (evaluation and checkpoints see iterate averaging's
+averaged weights).
 """
 
 from __future__ import annotations
@@ -104,10 +105,11 @@ class ShampooCallback(pl.Callback):
             to every Shampoo), an instance, or ``False``/``None``.
         health_monitor: ``True`` (``PreconditionerHealthMonitor()``), an instance, or off.
         fallback: ``True`` (``SGDFallback()``), an instance, or off.
-        averaging_switch: ``True`` (``IterateAveragingSwitch()``: with
-            ``iterate_averaging_config=ScheduleFreeConfig()`` / ``GeneralizedPrimalAveragingConfig()``
-            in ``shampoo_kwargs``, validation, test, prediction and checkpoints see the averaged
-            weights), an instance, or off. It does nothing for optimizers that do not average.
+        averaging_switch: ``True`` (an ``IterateAveragingSwitch()`` that this callback's hooks run:
+            with ``iterate_averaging_config=ScheduleFreeConfig()`` /
+            ``GeneralizedPrimalAveragingConfig()`` in ``shampoo_kwargs``, validation, test,
+            prediction and checkpoints see the averaged weights), an instance, or off. It does
+            nothing for optimizers that do not average; a trainer's own switch is used instead.
         shampoo_kwargs: further Shampoo options for every group (``beta3``, ``use_bucketing``,
             ``refresh_tolerance``, …); the ones the wrapped optimizer decides (lr, betas, weight
             decay, momentum, grafting) are refused. ``skip_preconditioning_rank_lt`` defaults to
@@ -202,7 +204,7 @@ class ShampooCallback(pl.Callback):
     @property
     def callbacks(self) -> list[pl.Callback]:
         """The helper callbacks this one adds to the trainer (those switched on)."""
-        parts = (self.frequency_scheduler, self.fallback, self.health_monitor, self.averaging_switch)
+        parts = (self.frequency_scheduler, self.fallback, self.health_monitor)
         return [c for c in parts if c is not None]
 
     # ----------------------------------------------------------------------------- lightning
@@ -252,10 +254,48 @@ class ShampooCallback(pl.Callback):
     ) -> None:
         """Under plain ``"ddp"`` Lightning saves rank 0's own ``optimizer.state_dict()``, which for
         a sharded Shampoo holds rank 0's blocks only: gather every block into it (a collective;
-        this hook runs on every rank)."""
+        this hook runs on every rank). Averaging optimizers are saved in eval mode (the switch)."""
         from ..strategies.ddp import consolidate_checkpoint
 
-        consolidate_checkpoint(trainer, checkpoint)
+        switch = self._switch(trainer)
+        if switch is None or not switch.on_save_checkpoint(trainer, pl_module, checkpoint):
+            consolidate_checkpoint(trainer, checkpoint)
+
+    # Iterate averaging: the switch's hooks, run from here (see ``IterateAveragingSwitch``).
+
+    def _switch(self, trainer: pl.Trainer) -> IterateAveragingSwitch | None:
+        own = any(isinstance(c, IterateAveragingSwitch) for c in trainer.callbacks)  # type: ignore[attr-defined]
+        return None if own else self.averaging_switch
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_train_end(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_validation_start(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_test_start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_predict_start(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()
