@@ -235,6 +235,24 @@ def test_merged_weights_beside_skipped_vectors_shard_and_match(tmp_path: Path) -
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
 
 
+def test_iterate_averaging_sharded_matches_single_device(tmp_path: Path) -> None:
+    """Schedule-Free with decoupled decay, sharded mid-run: parameters, the averaged weights of
+    ``eval()`` (all-gathered values) and the train point restored by ``train()`` equal the
+    single-process run's bitwise, and so does the consolidated state."""
+    torch.multiprocessing.spawn(shard_worker.worker, args=(free_port(), str(tmp_path), "averaging"), nprocs=2)
+    reference = shard_worker.single("averaging")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for out in ranks:
+        assert out["sharded"]
+        for key in ("params", "eval", "train"):
+            assert all(torch.equal(a, b) for a, b in zip(out[key], reference[key])), key
+        assert all(torch.equal(a, b) for a, b in zip(out["train"], out["params"]))
+    full, expected = ranks[0]["state"], reference["state"]
+    for p, entries in expected["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(full["state"][p][key].nan_to_num(), value.nan_to_num()), (p, key)
+
+
 def test_shard_on_one_rank_is_a_no_op() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

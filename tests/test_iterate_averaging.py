@@ -280,3 +280,42 @@ def test_refusals() -> None:
     model = _net()
     with pytest.raises(ValueError, match="replaces momentum"):
         Shampoo(model.parameters(), momentum=0.9, iterate_averaging_config=ScheduleFreeConfig())
+
+
+def test_a_nonfinite_saved_z_restarts_at_the_parameters() -> None:
+    model = _net()
+    optimizer = _shampoo(model, ScheduleFreeConfig())
+    _train(model, optimizer, _batches(3))
+    state = copy.deepcopy(optimizer.state_dict())
+    state["state"][0]["block_0.moments.averaging_z"].view(-1)[0] = float("nan")
+    fresh = _shampoo(model, ScheduleFreeConfig())
+    with pytest.warns(UserWarning, match="averaging_z"):
+        fresh.load_state_dict(state)
+    z = fresh.block_state((0, 0))["moments.averaging_z"]
+    assert torch.equal(z.view(-1), model[0].weight.detach().view(-1))
+    assert torch.equal(
+        fresh.block_state((2, 0))["moments.averaging_z"], state["state"][2]["block_0.moments.averaging_z"]
+    )
+
+
+def test_distributed_shampoos_configs_are_taken_by_their_fields() -> None:
+    """Its ``ScheduleFreeConfig`` / ``GeneralizedPrimalAveragingConfig`` (same names and fields)
+    become ours."""
+
+    class ScheduleFreeConfig:
+        train_interp_coeff = 0.7
+        eval_coeff_lr_power = 1
+
+    class GeneralizedPrimalAveragingConfig:
+        eval_interp_coeff = 0.6
+        train_interp_coeff = 0.5
+
+    from lightning_shampoo import GeneralizedPrimalAveragingConfig as OurGPA
+    from lightning_shampoo import ScheduleFreeConfig as OurFree
+
+    group = Shampoo(_net().parameters(), iterate_averaging_config=ScheduleFreeConfig()).param_groups[0]
+    assert group["iterate_averaging_config"] == OurFree(train_interp_coeff=0.7, eval_coeff_lr_power=1)
+    group = Shampoo(
+        _net().parameters(), iterate_averaging_config=GeneralizedPrimalAveragingConfig()
+    ).param_groups[0]
+    assert group["iterate_averaging_config"] == OurGPA(eval_interp_coeff=0.6, train_interp_coeff=0.5)
