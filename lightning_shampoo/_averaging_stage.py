@@ -68,7 +68,8 @@ class _Plan:
         self.free_mask = _per_row(lane, self.free, lambda s: 1.0).bool() if gpa else None
         self.lr_views = [s.rows(lane.vectors["avg_lr"]) for s in self.slots]
         decayed = [s for s in self.slots if decays[s.bucket.group] != 0.0]
-        self.decay = _per_row(lane, decayed, lambda s: decays[s.bucket.group]) if decayed else None
+        self.neg_decay = _per_row(lane, decayed, lambda s: -decays[s.bucket.group]) if decayed else None
+        self.filled: tuple[float, ...] | None = None  # the float rates in ``avg_lr``
         self.decay_views = [shaped(lane.vectors["decay"], s, s.out.ndim) for s in decayed]
         self.decayed_z = [s.state["moments"]["averaging_z"] for s in decayed]
         self.links = [link for s in self.slots for link in s.links]
@@ -92,17 +93,22 @@ def _plan(lane: Lane, by_group: Sequence[Any], decays: Sequence[float] = ()) -> 
 
 
 def _learning_rates(lane: Lane, plan: _Plan, steps: Sequence[GroupStep]) -> None:
-    """Each averaging row's learning rate into ``avg_lr`` (no sync for tensor rates)."""
+    """Each averaging row's learning rate into ``avg_lr`` (no sync for tensor rates). Float
+    rates are written only when they change (a constant lr, Schedule-Free's, costs nothing)."""
     rates = [steps[s.bucket.group].lr for s in plan.slots]
     if any(isinstance(r, Tensor) for r in rates):
+        plan.filled = None
         for view, rate in zip(plan.lr_views, rates):
             if isinstance(rate, Tensor):  # a non-finite or negative lr steps nothing (no sync)
                 view.copy_(torch.where(torch.isfinite(rate) & (rate >= 0), rate, 0.0))
             else:
                 view.fill_(rate)
-    else:
+        return
+    floats = tuple(float(r) for r in rates)
+    if floats != plan.filled:
         torch._foreach_zero_(plan.lr_views)
-        torch._foreach_add_(plan.lr_views, [float(r) for r in rates])
+        torch._foreach_add_(plan.lr_views, list(floats))
+        plan.filled = floats
 
 
 def _coefficients(lane: Lane, plan: _Plan, steps: Sequence[GroupStep]) -> None:
@@ -110,29 +116,30 @@ def _coefficients(lane: Lane, plan: _Plan, steps: Sequence[GroupStep]) -> None:
     ``avg_cu = 1 − μ_x μ_y = (1 − μ_y) + μ_y·avg_cx``."""
     v = lane.vectors
     v["ok_f"].copy_(v["ok"])
-    if plan.free or plan.decay is not None:
+    w = v["avg_w"]
+    if plan.free or plan.neg_decay is not None:
         _learning_rates(lane, plan, steps)
-    if plan.decay is not None:
-        torch.mul(v["avg_lr"], plan.decay, out=v["decay"])
-        v["decay"].mul_(v["ok_f"]).neg_().add_(1.0)
+        torch.mul(v["avg_lr"], v["ok_f"], out=w)
+    if plan.neg_decay is not None:
+        torch.addcmul(lane.one, w, plan.neg_decay, out=v["decay"])
     cx = v["avg_cx"]
     if plan.free:
-        lr = v["avg_lr"]
         if len(plan.power) == 1:
-            lr.pow_(next(iter(plan.power)))
+            w.pow_(next(iter(plan.power)))  # (lr·ok)ᵖ = lrᵖ·ok for p ≥ 1
         else:  # groups with different powers: one op per bucket (rare)
             for s in plan.free:
-                s.rows(lr).pow_(steps[s.bucket.group].averaging.eval_coeff_lr_power)
-        lr.mul_(v["ok_f"])
+                s.rows(w).pow_(steps[s.bucket.group].averaging.eval_coeff_lr_power)
+        if 0 in plan.power:
+            w.mul_(v["ok_f"])
         lr_sum = lane.status["averaging_lr_sum"]
-        lr_sum.add_(lr)  # rows of GPA groups add to a sum nobody reads
+        lr_sum.add_(w)  # rows of GPA groups add to a sum nobody reads
         torch.clamp(lr_sum, min=_TINY, out=v["aux"])
-        torch.div(lr, v["aux"], out=cx)
+        torch.div(w, v["aux"], out=cx)
         if plan.free_mask is not None:
             torch.where(plan.free_mask, cx, plan.gpa_cx, out=cx)
+            cx.mul_(v["ok_f"])
     else:
-        cx.copy_(plan.gpa_cx)
-    cx.mul_(v["ok_f"])
+        torch.mul(plan.gpa_cx, v["ok_f"], out=cx)
     torch.addcmul(plan.one_minus_mu_y, plan.mu_y, cx, out=v["avg_cu"])
 
 

@@ -378,6 +378,7 @@ def _build_lane(
             "decay",
             "aux",
             "avg_lr",
+            "avg_w",
             "avg_cx",
             "avg_cu",
         )

@@ -319,3 +319,40 @@ def test_distributed_shampoos_configs_are_taken_by_their_fields() -> None:
         _net().parameters(), iterate_averaging_config=GeneralizedPrimalAveragingConfig()
     ).param_groups[0]
     assert group["iterate_averaging_config"] == OurGPA(eval_interp_coeff=0.6, train_interp_coeff=0.5)
+
+
+def _quadratic_run(groups: list[dict], lr: float | Tensor = 0.05, steps: int = 6) -> list[Tensor]:
+    """Parameters after ``steps`` of the SGD-reduced Shampoo on ``_problem``'s quadratic."""
+    start, a, targets = _problem()
+    params = [p.clone().requires_grad_() for p in start]
+    optimizer = Shampoo(
+        [{**g, "params": [params[i] for i in g["params"]]} for g in groups],
+        lr=lr,
+        weight_decay=0.1,
+        betas=(0.0, 1.0),
+        preconditioner_config=SGDPreconditionerConfig(),
+    )
+    for _ in range(steps):
+        for p, g in zip(params, _grads([p.detach() for p in params], a, targets)):
+            p.grad = g
+        optimizer.step()
+    optimizer.eval()
+    return [p.detach().clone() for p in params]
+
+
+def test_mixed_configs_in_one_lane_and_a_tensor_lr() -> None:
+    """Schedule-Free and GPA groups sharing a lane step as each would alone; a 0-d tensor lr
+    steps as the same float."""
+    free, gpa = ScheduleFreeConfig(train_interp_coeff=0.7), GeneralizedPrimalAveragingConfig()
+    both = _quadratic_run(
+        [{"params": [0], "iterate_averaging_config": free}, {"params": [1], "iterate_averaging_config": gpa}]
+    )
+    alone_free = _quadratic_run([{"params": [0, 1], "iterate_averaging_config": free}])
+    alone_gpa = _quadratic_run([{"params": [0, 1], "iterate_averaging_config": gpa}])
+    torch.testing.assert_close(both[0], alone_free[0], rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(both[1], alone_gpa[1], rtol=1e-14, atol=1e-15)
+    as_tensor = _quadratic_run(
+        [{"params": [0, 1], "iterate_averaging_config": free}], lr=torch.tensor(0.05, dtype=F64)
+    )
+    for p, q in zip(as_tensor, alone_free):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-15)
