@@ -23,7 +23,7 @@ then into the parameters, so ``train()`` after ``eval()`` restores ``y`` bitwise
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,10 +31,21 @@ from torch import Tensor
 from ._workspace import Lane, Slot, averaging_rows, param_view, shaped
 from .averaging import GeneralizedPrimalAveragingConfig, ScheduleFreeConfig
 
-if TYPE_CHECKING:
-    from ._stages import GroupStep
-
 __all__ = ["averaging", "swap", "to_eval", "to_train"]
+
+
+class GroupStep(Protocol):
+    """What this stage reads of ``_stages.GroupStep`` (no import of ``_stages``: it imports us)."""
+
+    @property
+    def lr(self) -> float | Tensor: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def decoupled(self) -> bool: ...
+    @property
+    def averaging(self) -> Any: ...
+
 
 _TINY = 1e-30  # Σ lrᵖ of a block never stepped: 0/tiny = 0
 
