@@ -83,7 +83,12 @@ def parse_overrides(text: str) -> dict[str, Any]:
     for part in filter(None, (p.strip() for p in parts)):
         key, _, value = part.partition("=")
         value = value.strip()
-        out[key.strip()] = float(value) if value in ("inf", "math.inf") else ast.literal_eval(value)
+        if value in ("inf", "math.inf"):
+            out[key.strip()] = float(value)
+        elif value.isidentifier() and value not in ("True", "False", "None"):
+            out[key.strip()] = value  # a bare name: a string (averaging=schedule_free)
+        else:
+            out[key.strip()] = ast.literal_eval(value)
     return out
 
 
