@@ -3,6 +3,7 @@
 from ._safe_globals import register_safe_globals
 from .averaging import ClassicMomentumConfig, GeneralizedPrimalAveragingConfig, ScheduleFreeConfig
 from .callbacks import (
+    IterateAveragingSwitch,
     PreconditionerHealthMonitor,
     PreconditionFrequencyScheduler,
     SGDFallback,
@@ -50,6 +51,7 @@ __all__ = [
     "EigenvalueCorrectedShampooPreconditionerConfig",
     "EighEigendecompositionConfig",
     "GeneralizedPrimalAveragingConfig",
+    "IterateAveragingSwitch",
     "KLShampooPreconditionerConfig",
     "NewtonSchulzOrthogonalizationConfig",
     "PSGDKronPreconditionerConfig",

@@ -282,3 +282,14 @@ def _reset_rows(
         for name, spec in schema[section].items():
             target = sections[section][name]
             target[rows] = spec.allocate(len(rows), device).to(target.dtype)
+    for name in ("averaging_z", "averaging_y"):  # iterate averaging restarts at the parameters
+        if name in schema["moments"]:
+            target = sections["moments"][name]
+            values = torch.empty_like(target)
+            numel = values[0].numel()
+            for m in bucket.members:
+                p = params[m.param.index]
+                m.region.rows_view(values.view(-1)[m.offset * numel :], 0).copy_(
+                    m.region.split_view(m.param.processed(p))
+                )
+            target[rows] = values[rows]

@@ -167,9 +167,10 @@ class Distributor:
         assert self._recv is not None
         return self._send, self._recv
 
-    def finish(self, lanes: Sequence[Lane], device: torch.device) -> None:
+    def finish(self, lanes: Sequence[Lane], device: torch.device, assign: bool = False) -> None:
         """All-gather every rank's staged updates (this rank's lanes' direction buffers; rows
-        of buckets without any gradient this step hold zeros) and add them to the parameters."""
+        of buckets without any gradient this step hold zeros) and add them to the parameters
+        (``assign``: write them, the values of the iterate-averaging train ↔ eval swap)."""
         send, recv = self._buffers(device)
         offsets = {b.key: o for b, o in self.plan.segments(self.rank)}
         dsts, srcs = [], []
@@ -181,7 +182,7 @@ class Distributor:
         if dsts:
             torch._foreach_copy_(dsts, srcs)
         _all_gather(recv, send, self.group)
-        self._apply(recv)
+        self._apply(recv, assign)
 
     def _received(self, recv: Tensor) -> list[tuple[Any, Tensor]]:
         """``(member link, its rows of the received updates)`` for every bucket of every rank."""
@@ -197,14 +198,15 @@ class Distributor:
                     out.append((m, m.region.rows_view(recv[start:], 0)))
         return out
 
-    def _apply(self, recv: Tensor) -> None:
+    def _apply(self, recv: Tensor, assign: bool = False) -> None:
         if self._targets is None:
             self._targets = [
                 (m.region.split_view(m.param.processed(self.params[m.param.index])), rows)
                 for m, rows in self._received(recv)
             ]
         if self._targets:
-            torch._foreach_add_([p for p, _ in self._targets], [u for _, u in self._targets])
+            write = torch._foreach_copy_ if assign else torch._foreach_add_
+            write([p for p, _ in self._targets], [u for _, u in self._targets])
 
 
 class FSDPDistributor(Distributor):
@@ -271,7 +273,9 @@ class FSDPDistributor(Distributor):
             self._full_params.get(i, p.to_local() if is_dtensor(p) else p) for i, p in enumerate(self.params)
         ]
 
-    def _apply(self, recv: Tensor) -> None:
+    def _apply(self, recv: Tensor, assign: bool = False) -> None:
+        if assign:
+            raise NotImplementedError("iterate averaging's train/eval swap is not available under FSDP")
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         full: dict[int, Tensor] = {}

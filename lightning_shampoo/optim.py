@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _checkpoint, _foreign, _groups, _stages, compat
+from . import _averaging_stage, _checkpoint, _foreign, _groups, _stages, compat
 from ._checks import clamp_epsilon_scale
 from ._refresh import RefreshSchedule, refresh_lane
 from ._validation import check_grad, validate_constructor_options, validate_group, validate_params
@@ -79,6 +79,10 @@ class Shampoo(torch.optim.Optimizer):
     Distributed Shampoo's newer names (``weight_decay_type``, ``iterate_averaging_config``,
     ``use_pin_memory``, ``shampoo_pt2_compile_config``, ``distributed_config``) are translated
     into ours or refused, per group (``lightning_shampoo.compat``).
+    ``iterate_averaging_config``: ``GeneralizedPrimalAveragingConfig`` or ``ScheduleFreeConfig``
+    keep the base iterates ``z`` per block and hold the gradient point ``y`` in the parameters;
+    ``eval()`` puts the averaged ``x`` there (evaluation, checkpoints) and ``train()`` puts
+    ``y`` back bitwise (``ShampooCallback`` calls them from Lightning's hooks).
     """
 
     def __init__(
@@ -397,6 +401,12 @@ class Shampoo(torch.optim.Optimizer):
                     stacklevel=3,
                 )
             lr = 0.0
+        averaging = group.get("iterate_averaging_config")
+        if averaging is not None and not group.get("train_mode", True):
+            raise RuntimeError(
+                f"param group {g}: step() while the parameters hold the averaged weights "
+                "(optimizer.eval()); call optimizer.train() before training"
+            )
         return _stages.GroupStep(
             step=step,
             lr=lr,
@@ -407,6 +417,7 @@ class Shampoo(torch.optim.Optimizer):
             dampening=group["dampening"],
             nesterov=group["use_nesterov"],
             torch_momentum=group["use_torch_momentum"],
+            averaging=averaging,
         )
 
     def _step_lane(
@@ -446,8 +457,42 @@ class Shampoo(torch.optim.Optimizer):
         _stages.weight_decay(lane, steps, views)
         _stages.momentum(lane, steps)
         _stages.learning_rate(lane, steps)
+        _stages.averaging(lane, steps, views)
         if self._distributor is None:
             _stages.apply_updates(lane, views)
+
+    # ---------------------------------------------------------------------- iterate averaging
+
+    @property
+    def averaging(self) -> bool:
+        """Whether any param group runs iterate averaging (GPA or Schedule-Free)."""
+        return any(g.get("iterate_averaging_config") is not None for g in self.param_groups)
+
+    @property
+    def training(self) -> bool:
+        """False while some averaging group's parameters hold the averaged weights (``eval()``)."""
+        return all(g.get("train_mode", True) for g in self.param_groups)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Averaging groups' parameters ← the averaged weights ``x`` (their train point ``y`` is
+        saved in the state). No-op for groups without averaging or already in eval mode. Under
+        a distributor every rank must call it (one all-gather)."""
+        self._swap(to_eval=True)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Averaging groups' parameters ← the train point ``y`` saved by ``eval()``, bitwise."""
+        self._swap(to_eval=False)
+
+    def _swap(self, to_eval: bool) -> None:
+        if all(g.get("train_mode", True) != to_eval for g in self.param_groups if "train_mode" in g):
+            return  # nothing to move (a host check: the Lightning hooks call this every batch)
+        ws = self._ensure_workspace()
+        params = self._distributor.parameters() if self._distributor is not None else self._params
+        _averaging_stage.swap(
+            ws.lanes, self.param_groups, params, params is self._params, self._distributor, to_eval
+        )
 
     # --------------------------------------------------------------------- block-level controls
 
@@ -629,6 +674,11 @@ class Shampoo(torch.optim.Optimizer):
                 return self._distributor
             raise RuntimeError("the optimizer is already sharded over another process group")
         fsdp = any(is_dtensor(p) for p in self._params)
+        if fsdp and self.averaging:
+            raise ValueError(
+                "iterate_averaging_config (GPA / Schedule-Free) is not supported with FSDP parameters yet; "
+                "use strategy='shampoo_ddp' or ClassicMomentumConfig"
+            )
         world_size = dist.get_world_size(group)
         if world_size == 1 and not fsdp:
             return None
