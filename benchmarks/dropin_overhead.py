@@ -1,0 +1,125 @@
+"""The drop-in's own overhead: what the health monitor (and its histograms) and the fallback's
+health checks cost on top of ``ShampooCallback()``'s optimizer.
+
+Trains the demo's ``DigitsClassifier`` on scikit-learn's digits (CPU, one process, TensorBoard and
+CSV loggers as in ``make demo``) with ``ShampooCallback()`` at its defaults and with parts of it
+switched off, the variants interleaved over ``--repeats`` rounds, and prints for each variant the
+median fit time and its ratio to the bare drop-in (no monitor, no fallback). Wall-clock ratios on
+a shared machine are noisy, so each variant also times its own health hooks (the monitor's and
+the fallback's ``on_train_batch_end`` and ``on_train_end``) and prints their share of the fit: the
+direct measure of the overhead.
+
+    OMP_NUM_THREADS=1 python benchmarks/dropin_overhead.py                  # trainer default cadence (50)
+    OMP_NUM_THREADS=1 python benchmarks/dropin_overhead.py --log-every-n-steps 10   # the demo's
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_shampoo.callbacks import PreconditionerHealthMonitor, SGDFallback, ShampooCallback
+from lightning_shampoo.demo import DigitsClassifier, DigitsDataModule
+
+VARIANTS: dict[str, Callable[[], ShampooCallback]] = {
+    "defaults": lambda: ShampooCallback(),
+    "no histograms": lambda: ShampooCallback(health_monitor=PreconditionerHealthMonitor(histograms=False)),
+    "no monitor": lambda: ShampooCallback(health_monitor=False),
+    "bare (no monitor, no fallback)": lambda: ShampooCallback(health_monitor=False, fallback=False),
+}
+BARE = "bare (no monitor, no fallback)"
+
+
+class _HookClock:
+    """Adds up the time spent in the named hooks of the given callbacks (instance-level wrappers)."""
+
+    HOOKS = ("on_train_batch_end", "on_train_end")
+
+    def __init__(self, callbacks: list[pl.Callback]) -> None:
+        self.seconds = 0.0
+        for callback in callbacks:
+            for hook in self.HOOKS:
+                setattr(callback, hook, self._timed(getattr(callback, hook)))
+
+    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - began
+
+        return timed
+
+
+def run(variant: str, epochs: int, log_every: int, out: Path) -> tuple[float, float]:
+    """(fit seconds, seconds inside the health hooks) of one training run."""
+    pl.seed_everything(0, verbose=False)
+    callback = VARIANTS[variant]()
+    health = [c for c in callback.callbacks if isinstance(c, PreconditionerHealthMonitor | SGDFallback)]
+    clock = _HookClock(health)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
+        callbacks=[callback],
+        log_every_n_steps=log_every,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    began = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # the health table printed at the end
+        trainer.fit(DigitsClassifier(), datamodule=DigitsDataModule(seed=0))
+    return time.perf_counter() - began, clock.seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--epochs", type=int, default=22, help="epochs of 23 steps (22: 506 steps, one default histogram)"
+    )
+    parser.add_argument("--log-every-n-steps", type=int, default=50, help="Trainer(log_every_n_steps)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    fits: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    hooks: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        run(BARE, 1, args.log_every_n_steps, Path(tmp) / "warm-up")  # imports, first-use costs
+        for r in range(args.repeats):
+            for v in VARIANTS:
+                fit, hook = run(v, args.epochs, args.log_every_n_steps, Path(tmp) / f"{r}")
+                fits[v].append(fit)
+                hooks[v].append(hook)
+    bare = statistics.median(fits[BARE])
+    print(
+        f"ShampooCallback overhead: digits CNN, {args.epochs} epochs x 23 steps, "
+        f"log_every_n_steps={args.log_every_n_steps}, median of {args.repeats}"
+    )
+    print("| variant | fit (s) | vs bare | health hooks (s) | hooks / fit |\n|---|---:|---:|---:|---:|")
+    for v in VARIANTS:
+        fit, hook = statistics.median(fits[v]), statistics.median(hooks[v])
+        print(f"| {v} | {fit:.2f} | {fit / bare:.3f}x | {hook:.3f} | {hook / fit:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
