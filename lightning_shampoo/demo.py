@@ -297,8 +297,8 @@ def demo_figure(runs: dict[str, RunResult]) -> Any:
         val = [v for _, _, v in run.validations]
         ax_time.plot(seconds, val, color=color, marker="o", label=f"{run.name}: validation")
         if (hit := run.reached(target)) is not None:
-            ax_time.axvline(hit[1], color=color, ls=":", lw=1)
-            ax_time.annotate(f"{hit[1]:.1f} s", (hit[1], target), xytext=(4, 6), textcoords="offset points")
+            reached = f"{run.name} reached it: {hit[1]:.1f} s"
+            ax_time.axvline(hit[1], color=color, ls=":", lw=1.5, label=reached)
         steps, loss = run.series("train/loss_step")
         ax_loss.plot(steps, loss, color=color, label=run.name, alpha=0.85)
         steps, val = run.series("val/loss")
@@ -313,14 +313,14 @@ def demo_figure(runs: dict[str, RunResult]) -> Any:
     )
     ax_loss.set(title="training loss", xlabel="step", ylabel="cross-entropy", yscale="log")
     ax_val.set(title="validation loss (per epoch)", xlabel="step", ylabel="cross-entropy")
-    for key, label in (
-        ("shampoo/condition_number_max", "max"),
-        ("shampoo/condition_number_median", "median"),
+    for key, label, style in (
+        ("shampoo/condition_number_max", "max", "-"),
+        ("shampoo/condition_number_median", "median", "--"),
     ):
-        for run in runs.values():
+        for n, run in enumerate(runs.values()):
             steps, cond = run.series(key)
             if steps:
-                ax_cond.plot(steps, cond, marker=".", label=f"{run.name}: {label}")
+                ax_cond.plot(steps, cond, color=f"C{n}", ls=style, marker=".", label=f"{run.name}: {label}")
     ax_cond.set(title="factor condition number (damped)", xlabel="step", yscale="log")
     for ax in axes.flat:
         ax.grid(alpha=0.3)

@@ -78,6 +78,9 @@ def test_demo_times_each_run_to_adamws_final_validation_loss(tmp_path: Path) -> 
     reached = sorted(t for run in runs.values() if (hit := run.reached(target)) for t in [hit[1]])
     verticals = sorted(ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == ":")
     assert verticals == reached
+    for run in runs.values():
+        if hit := run.reached(target):
+            assert _line(ax, f"{run.name} reached it: {hit[1]:.1f} s").get_xdata()[0] == hit[1]
     assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
