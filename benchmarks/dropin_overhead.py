@@ -7,7 +7,8 @@ switched off, the variants interleaved over ``--repeats`` rounds, and prints for
 median fit time and its ratio to the bare drop-in (no monitor, no fallback). Wall-clock ratios on
 a shared machine are noisy, so each variant also times its own health hooks (the monitor's and
 the fallback's ``on_train_batch_end`` and ``on_train_end``) and prints their share of the fit: the
-direct measure of the overhead.
+direct measure of the overhead. The frequency scheduler's hooks (part of every variant: it sets the
+refresh schedule, and writes the refresh counters on refresh steps) are timed apart.
 
     OMP_NUM_THREADS=1 python benchmarks/dropin_overhead.py                  # trainer default cadence (50)
     OMP_NUM_THREADS=1 python benchmarks/dropin_overhead.py --log-every-n-steps 10   # the demo's
@@ -33,14 +34,26 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_shampoo.callbacks import PreconditionerHealthMonitor, SGDFallback, ShampooCallback
+from lightning_shampoo.callbacks import (
+    PreconditionerHealthMonitor,
+    PreconditionFrequencyScheduler,
+    SGDFallback,
+    ShampooCallback,
+)
 from lightning_shampoo.demo import DigitsClassifier, DigitsDataModule
 
-VARIANTS: dict[str, Callable[[], ShampooCallback]] = {
-    "defaults": lambda: ShampooCallback(),
-    "no histograms": lambda: ShampooCallback(health_monitor=PreconditionerHealthMonitor(histograms=False)),
-    "no monitor": lambda: ShampooCallback(health_monitor=False),
-    "bare (no monitor, no fallback)": lambda: ShampooCallback(health_monitor=False, fallback=False),
+#: Each variant from the logging cadence (``"histograms every log"``: the monitor's default before
+#: histograms moved to every ``HISTOGRAM_EVERY_N_LOGS``-th logging step).
+VARIANTS: dict[str, Callable[[int], ShampooCallback]] = {
+    "defaults": lambda every: ShampooCallback(),
+    "histograms every log (before)": lambda every: ShampooCallback(
+        health_monitor=PreconditionerHealthMonitor(histogram_every_n_steps=every)
+    ),
+    "no histograms": lambda every: ShampooCallback(
+        health_monitor=PreconditionerHealthMonitor(histograms=False)
+    ),
+    "no monitor": lambda every: ShampooCallback(health_monitor=False),
+    "bare (no monitor, no fallback)": lambda every: ShampooCallback(health_monitor=False, fallback=False),
 }
 BARE = "bare (no monitor, no fallback)"
 
@@ -48,7 +61,7 @@ BARE = "bare (no monitor, no fallback)"
 class _HookClock:
     """Adds up the time spent in the named hooks of the given callbacks (instance-level wrappers)."""
 
-    HOOKS = ("on_train_batch_end", "on_train_end")
+    HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_train_end")
 
     def __init__(self, callbacks: list[pl.Callback]) -> None:
         self.seconds = 0.0
@@ -67,12 +80,13 @@ class _HookClock:
         return timed
 
 
-def run(variant: str, epochs: int, log_every: int, out: Path) -> tuple[float, float]:
-    """(fit seconds, seconds inside the health hooks) of one training run."""
+def run(variant: str, epochs: int, log_every: int, out: Path) -> tuple[float, float, float]:
+    """(fit seconds, seconds inside the health hooks, inside the scheduler's) of one training run."""
     pl.seed_everything(0, verbose=False)
-    callback = VARIANTS[variant]()
+    callback = VARIANTS[variant](log_every)
     health = [c for c in callback.callbacks if isinstance(c, PreconditionerHealthMonitor | SGDFallback)]
     clock = _HookClock(health)
+    scheduler = _HookClock([c for c in callback.callbacks if isinstance(c, PreconditionFrequencyScheduler)])
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -88,7 +102,7 @@ def run(variant: str, epochs: int, log_every: int, out: Path) -> tuple[float, fl
     began = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the health table printed at the end
         trainer.fit(DigitsClassifier(), datamodule=DigitsDataModule(seed=0))
-    return time.perf_counter() - began, clock.seconds
+    return time.perf_counter() - began, clock.seconds, scheduler.seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,22 +117,28 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     fits: dict[str, list[float]] = {v: [] for v in VARIANTS}
     hooks: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    schedulers: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         run(BARE, 1, args.log_every_n_steps, Path(tmp) / "warm-up")  # imports, first-use costs
         for r in range(args.repeats):
             for v in VARIANTS:
-                fit, hook = run(v, args.epochs, args.log_every_n_steps, Path(tmp) / f"{r}")
+                fit, hook, sched = run(v, args.epochs, args.log_every_n_steps, Path(tmp) / f"{r}")
                 fits[v].append(fit)
                 hooks[v].append(hook)
+                schedulers[v].append(sched / fit)
     bare = statistics.median(fits[BARE])
     print(
         f"ShampooCallback overhead: digits CNN, {args.epochs} epochs x 23 steps, "
         f"log_every_n_steps={args.log_every_n_steps}, median of {args.repeats}"
     )
-    print("| variant | fit (s) | vs bare | health hooks (s) | hooks / fit |\n|---|---:|---:|---:|---:|")
+    print(
+        "| variant | fit (s) | vs bare | health hooks (s) | health hooks / fit | scheduler hooks / fit |\n"
+        "|---|---:|---:|---:|---:|---:|"
+    )
     for v in VARIANTS:
         fit, hook = statistics.median(fits[v]), statistics.median(hooks[v])
-        print(f"| {v} | {fit:.2f} | {fit / bare:.3f}x | {hook:.3f} | {hook / fit:.1%} |")
+        sched = statistics.median(schedulers[v])
+        print(f"| {v} | {fit:.2f} | {fit / bare:.3f}x | {hook:.3f} | {hook / fit:.1%} | {sched:.1%} |")
 
 
 if __name__ == "__main__":
