@@ -1,5 +1,6 @@
 """lightning_shampoo: Kronecker-factored second-order optimizers as a one-line change for Lightning."""
 
+from ._safe_globals import register_safe_globals
 from .averaging import ClassicMomentumConfig, GeneralizedPrimalAveragingConfig, ScheduleFreeConfig
 from .callbacks import (
     PreconditionerHealthMonitor,
@@ -33,6 +34,8 @@ from .preconditioners import (
     SVDOrthogonalizationConfig,
 )
 from .strategies import ShampooDDPStrategy, ShampooFSDPStrategy
+
+register_safe_globals()  # callbacks that save param groups whole stay weights_only-loadable
 
 __version__ = "0.1.0"
 

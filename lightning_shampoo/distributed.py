@@ -135,6 +135,15 @@ class Distributor:
         self._recv: Tensor | None = None
         self._targets: list[tuple[Tensor, Tensor]] | None = None  # (param region view, recv rows)
 
+    def replan(self, params: Sequence[Tensor], plan: BlockPlan, decayed: set[int]) -> None:
+        """A param group was added: the parameters and the plan grew (existing blocks kept their
+        owners); buffers and cached views are rebuilt at the next step."""
+        self.params = list(params)
+        self.plan = plan
+        self.chunk = plan.chunk
+        self._send = self._recv = None
+        self._targets = None
+
     @property
     def bytes_per_step(self) -> int:
         """Bytes each rank receives from the update all-gather per step."""
@@ -223,6 +232,12 @@ class FSDPDistributor(Distributor):
             )
         self._full_params: dict[int, Tensor] = {}
 
+    def replan(self, params: Sequence[Tensor], plan: BlockPlan, decayed: set[int]) -> None:
+        super().replan(params, plan, decayed)
+        self._needed = {m.param.index for b in plan.local(self.rank) for m in b.members}
+        self._decayed = decayed
+        self.replicated = [i for i, p in enumerate(self.params) if not is_dtensor(p)]
+
     def gradients(self) -> list[Tensor | None]:
         """Collectives, in the same order on every rank: each DTensor gradient's full tensor, and
         one averaging all-reduce over the replicated parameters' gradients."""
@@ -304,7 +319,7 @@ def local_state_dict(optimizer: Any) -> dict[str, Any]:
         pidx: {key: value.detach().to("cpu", copy=True) for key, value in entries.items()}
         for pidx, entries in state["state"].items()
     }
-    return {"state": copied, "param_groups": state["param_groups"]}
+    return {**state, "state": copied}
 
 
 def consolidate_state_dict(optimizer: Any, dst: int = 0) -> dict[str, Any]:
@@ -329,7 +344,7 @@ def consolidate_state_dict(optimizer: Any, dst: int = 0) -> dict[str, Any]:
             if target.keys() & entries.keys():
                 raise RuntimeError(f"parameter {pidx}: two ranks hold the same block state")
             target.update(entries)
-    return {"state": state, "param_groups": local["param_groups"]}
+    return {**local, "state": state}
 
 
 def gather_health(optimizer: Any) -> list[BlockHealth]:

@@ -13,6 +13,7 @@ amortized. Argument names, defaults and semantics follow Meta's Distributed Sham
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -23,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _checkpoint, _stages, compat
+from . import _checkpoint, _foreign, _groups, _stages, compat
 from ._checks import clamp_epsilon_scale
-from ._refresh import refresh_lane
+from ._refresh import RefreshSchedule, refresh_lane
 from ._validation import check_grad, validate_constructor_options, validate_group, validate_params
 from ._workspace import Lane, Workspace, param_view
 from .blocking import layout_param
@@ -34,6 +35,8 @@ from .plan import BlockPlan, Bucket, CostModel, GroupBlocks, build_plan
 from .preconditioners import RootInvShampooPreconditionerConfig
 
 __all__ = ["FALLBACK_MODES", "Shampoo"]
+
+log = logging.getLogger(__name__)
 
 #: Per-block fallback modes: what a block uses instead of its preconditioner.
 FALLBACK_MODES = {name: code for name, code in FALLBACK_CODES.items()}
@@ -68,6 +71,11 @@ class Shampoo(torch.optim.Optimizer):
     than this many remain (``math.inf``: never merged); 2 keeps a matrix a matrix.
     ``use_torch_momentum``: momentum and dampening as ``torch.optim.SGD`` (the first step
     undamped) instead of Distributed Shampoo's zero-started buffer; they agree without dampening.
+    ``refresh_stagger``: spread the refreshes over the ``precondition_frequency`` interval —
+    block ``b`` refreshes on the steps ``≡ φ_b (mod frequency)`` after ``start_preconditioning_step``
+    (where every block refreshes), phases balanced by refresh cost (``_refresh.block_phases``) —
+    so no step pays for every block's refresh; the same number of refreshes. Off (Distributed
+    Shampoo's schedule) by default; ``configure_shampoo``'s presets and ``ShampooCallback`` set it.
     Distributed Shampoo's newer names (``weight_decay_type``, ``iterate_averaging_config``,
     ``use_pin_memory``, ``shampoo_pt2_compile_config``, ``distributed_config``) are translated
     into ours or refused, per group (``lightning_shampoo.compat``).
@@ -98,6 +106,7 @@ class Shampoo(torch.optim.Optimizer):
         skip_preconditioning_rank_lt: int = 0,
         target_parameter_dimensionality: int | float = 1,
         use_torch_momentum: bool = False,
+        refresh_stagger: bool = False,
         weight_decay_type: Any = None,
         iterate_averaging_config: Any = None,
         use_pin_memory: bool = False,
@@ -111,6 +120,7 @@ class Shampoo(torch.optim.Optimizer):
         self._use_bucketing = use_bucketing
         self._max_bucket_numel = max_bucket_numel
         self._plan: BlockPlan | None = None
+        self._schedule = RefreshSchedule(None)
         self._rank = 0
         self.sharded = False
         self._distributor: Any = None
@@ -120,6 +130,15 @@ class Shampoo(torch.optim.Optimizer):
         self._missed: set[str] = set()
         self.refresh_seconds: dict[int, float] = {}  # wall time of each group's last refresh
         self.skipped_updates: dict[int, int] = {}  # steps whose lr was not a finite number >= 0
+        #: Who built this optimizer (``ShampooCallback``, ``configure_shampoo``): saved with its
+        #: checkpoints, so that loading one into a differently built optimizer says so.
+        self.origin: str | None = None
+        #: Set when ``load_state_dict`` took another optimizer's state (``_foreign``): what it did.
+        self.resume_note: str | None = None
+        self._translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self._lookup: Mapping[int, str] = {}
+        self._held: list[dict[str, Any]] = []  # the group dicts the plan was built from
+        self._held_list: list[Any] | None = None  # the param_groups list they were read from
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, tuple | list) else betas,
@@ -141,6 +160,7 @@ class Shampoo(torch.optim.Optimizer):
             skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
             target_parameter_dimensionality=target_parameter_dimensionality,
             use_torch_momentum=use_torch_momentum,
+            refresh_stagger=refresh_stagger,
             stacked=False,
         )
         defaults.update(
@@ -158,13 +178,27 @@ class Shampoo(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- set-up
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, named or not whatever the existing groups are (names are
+        made up from ``configure_new_groups``' lookup); missing keys come from ``defaults`` (the
+        builder's, see ``configure_new_groups``). The plan is extended: existing blocks keep their
+        bucket, owner and state."""
+        self._sync_groups()
+        if self._translate is not None and isinstance(param_group, Mapping):
+            param_group = self._translate(dict(param_group))
         param_group = validate_params(param_group, self.defaults, self._params, self._names)
+        named = None if not self.param_groups else "param_names" in self.param_groups[0]
+        names = _groups.name_params(param_group, self._lookup, len(self._params), named)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
             validate_group(group)
-            self._groups.append(self._group_blocks(len(self.param_groups) - 1, group))
+            self._groups.append(self._group_blocks(len(self.param_groups) - 1, group, names))
             self._set_plan(self.build_plan(world_size=self._world_size(), owners=self._owners()), self._rank)
+            if self._distributor is not None:
+                from .distributed import check_same_plan
+
+                check_same_plan(self.plan, self._distributor.group)
+                self._distributor.replan(self._params, self.plan, self._decayed())
         except Exception:
             self.param_groups.pop()
             del self._params[len(self._params) - len(group["params"]) :]
@@ -172,16 +206,54 @@ class Shampoo(torch.optim.Optimizer):
             if len(self._groups) > len(self.param_groups):
                 self._groups.pop()
             raise
+        self._held.append(group)
+        self._held_list = self.param_groups
 
-    def _group_blocks(self, g: int, group: dict[str, Any]) -> GroupBlocks:
-        names = group.get("param_names") or [None] * len(group["params"])
+    def configure_new_groups(
+        self,
+        defaults: Mapping[str, Any] | None = None,
+        translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        names: Mapping[int, str] | None = None,
+    ) -> None:
+        """How groups added later (``add_param_group``; fine-tuning callbacks) are completed:
+        missing keys from ``defaults`` (as torch fills them from the constructor's — here the
+        builder's, so a new group is set up like its siblings), a group first passed through
+        ``translate`` (the drop-in: a group in the wrapped optimizer's terms), and unnamed
+        parameters named from ``names`` (``id(param) -> name``)."""
+        if defaults is not None:
+            unknown = set(defaults) - set(self.defaults) - set(compat.DS_ONLY_KEYS)
+            if unknown:
+                raise ValueError(f"defaults: unknown Shampoo keys {sorted(unknown)}")
+            self.defaults.update(defaults)
+        self._translate = translate
+        if names is not None:
+            self._lookup = dict(names)
+
+    def _sync_groups(self) -> None:
+        """Follow an assigned or appended ``param_groups`` list (host checks; ``_groups``)."""
+        groups = self.param_groups
+        if groups is self._held_list and len(groups) == len(self._held):
+            return
+        added = _groups.reconcile(groups, self._held, list(self.defaults))
+        for group in groups:
+            validate_group(group)
+        self._held = list(groups)
+        self._held_list = groups
+        self._workspace = None
+        for group in added:
+            self.add_param_group(group)
+
+    def _decayed(self) -> set[int]:
+        return {i for g in self.param_groups if g["weight_decay"] != 0.0 for i in self._indices(g)}
+
+    def _group_blocks(self, g: int, group: dict[str, Any], names: list[str]) -> GroupBlocks:
         target = group["target_parameter_dimensionality"]
         config = group["preconditioner_config"]
         layouts, dtypes, devices = [], [], []
         for p, name in zip(group["params"], names):
             index = len(self._params)
             self._params.append(p)
-            self._names.append(name or f"param{index}")
+            self._names.append(name)
             if p.numel() == 0:
                 continue
             layouts.append(
@@ -239,6 +311,7 @@ class Shampoo(torch.optim.Optimizer):
 
     def _set_plan(self, plan: BlockPlan, rank: int) -> None:
         self._plan, self._rank, self._workspace = plan, rank, None
+        self._schedule = RefreshSchedule(plan)  # staggered phases follow the plan (never stored)
         self.sharded = plan.world_size > 1  # blocks are split across ranks (each holds its own)
         if self._distributor is not None:
             self._distributor.plan = plan
@@ -287,6 +360,7 @@ class Shampoo(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step; ``closure`` (as Lightning passes) runs under ``enable_grad``."""
         loss = None
+        self._sync_groups()
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -356,7 +430,15 @@ class Shampoo(torch.optim.Optimizer):
             slot.ctx.step = slot.graft_ctx.step = steps[slot.bucket.group].step
         _stages.statistics(lane)
         refresh_lane(
-            lane, self.param_groups, steps, present, all_present, self._requests, self._missed, seconds
+            lane,
+            self.param_groups,
+            steps,
+            present,
+            all_present,
+            self._requests,
+            self._missed,
+            seconds,
+            self._schedule,
         )
         _stages.after_refresh(lane)
         _stages.filter_moments(lane)
@@ -402,6 +484,16 @@ class Shampoo(torch.optim.Optimizer):
             if epsilon_scale is not None:
                 status["epsilon_scale"][rows] = clamp_epsilon_scale(epsilon_scale)
             self._requests.add(key)
+
+    def refresh_phases(self, group: int = 0) -> dict[tuple[int, int], int]:
+        """Each amortized block's refresh phase in param group ``group`` at its current
+        ``precondition_frequency`` (all 0 unless ``refresh_stagger``): block ``b`` refreshes on
+        the steps ``≡ phase (mod frequency)`` past ``start_preconditioning_step``."""
+        frequency = self.param_groups[group]["precondition_frequency"]
+        phases = self._schedule.phases(group, frequency)
+        if not self.param_groups[group].get("refresh_stagger", False) or frequency == 1:
+            return dict.fromkeys(phases, 0)
+        return phases
 
     def _sync_host_flags(self) -> None:
         """Read the per-block flags into their host mirrors (a device read: off the step)."""
@@ -455,29 +547,53 @@ class Shampoo(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Keyed by (parameter, block), independent of bucketing and of ranks; tensors and plain
-        values only, so ``torch.load(..., weights_only=True)`` reads it."""
+        values only, so ``torch.load(..., weights_only=True)`` reads it. ``FORMAT_KEY`` marks it
+        as Shampoo's and names its ``origin``."""
+        self._sync_groups()
         return {
             "state": _checkpoint.state_rows(self.buckets, self.state),  # type: ignore[arg-type]
             "param_groups": _checkpoint.saved_groups(self.param_groups),
+            _foreign.FORMAT_KEY: _foreign.marker(self.origin),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check everything first, then write: a rejected checkpoint leaves the optimizer untouched.
-        A block whose saved statistics are not finite starts them afresh (with a warning)."""
-        saved_id = _checkpoint.check_loadable(state_dict, self.param_groups)
-        self._ensure_workspace()
-        _checkpoint.load_into(
-            state_dict,
-            saved_id,
-            self.buckets,
-            self.state,  # type: ignore[arg-type]
-            self._names,
-            self.param_groups,
-            self._params,
-            partial=self.sharded,
-        )
+        A block whose saved statistics are not finite starts them afresh (with a warning). A
+        ``torch.optim`` optimizer's state (AdamW, Adam, SGD, RMSprop, Adagrad: a project that
+        added ``ShampooCallback`` to resume) is taken where it maps (``_foreign``): the grafting
+        state from its moments, the preconditioner statistics fresh; ``resume_note`` says so."""
+        self._sync_groups()
+        fresh = _foreign.is_foreign(state_dict)
+        if fresh:
+            converted = _foreign.convert(state_dict, self.param_groups, self.plan)
+            state_dict = converted.state_dict
+        try:
+            saved_id = _checkpoint.check_loadable(state_dict, self.param_groups)
+            if fresh:
+                self.state.clear()  # what the foreign state does not give starts from its initial value
+                self._workspace = None
+            self._ensure_workspace()
+            _checkpoint.load_into(
+                state_dict,
+                saved_id,
+                self.buckets,
+                self.state,  # type: ignore[arg-type]
+                self._names,
+                self.param_groups,
+                self._params,
+                partial=self.sharded,
+                fresh=fresh,
+            )
+        except ValueError as error:
+            hint = _foreign.origin_hint(state_dict, self.origin)
+            if hint:
+                raise ValueError(f"{error}{hint}") from error
+            raise
         self._workspace = None  # group values may have changed the workspace's constants
         self._sync_host_flags()
+        if fresh:
+            self.resume_note = converted.note
+            log.info(converted.note)
 
     # ---------------------------------------------------------------------------- distribution
 
@@ -518,8 +634,7 @@ class Shampoo(torch.optim.Optimizer):
             return None
         plan = self.build_plan(world_size=world_size, cost_model=cost_model)
         check_same_plan(plan, group)
-        decayed = {i for g in self.param_groups if g["weight_decay"] != 0.0 for i in self._indices(g)}
-        distributor = make_distributor(self._params, plan, group, communication_dtype, decayed)
+        distributor = make_distributor(self._params, plan, group, communication_dtype, self._decayed())
         self.use_plan(plan, dist.get_rank(group))
         self._distributor = distributor
         self._workspace = None
