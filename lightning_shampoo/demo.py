@@ -12,7 +12,7 @@ is the blocking knob a user turns when refreshes dominate: a refresh's eigendeco
 ``d³``, and at 1024 the CNN's 64×512 layer has a 512-wide factor and its 64×10 head is merged
 (Distributed Shampoo's dim merging) into one 640-long vector with a 640×640 factor — on 2 CPU
 cores those refreshes made Shampoo's steps 2.2-4.5x AdamW's, and its time to AdamW's loss
-1.3-2.4x AdamW's although it needs 0.45x the steps (docs/benchmarks.md, "make demo").
+1.4-2.4x AdamW's although it needs 0.45x the steps (docs/benchmarks.md, "make demo").
 """
 
 from __future__ import annotations
@@ -233,17 +233,13 @@ def _train(
     seed: int,
     limit_train_batches: int | float | None,
     progress: bool,
-    model_options: dict[str, Any] | None = None,
 ) -> RunResult:
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from rich.console import Console
 
     pl.seed_everything(seed, verbose=False)
-    model, data = (
-        DigitsClassifier(**(model_options or {})),
-        DigitsDataModule(batch_size=batch_size, seed=seed),
-    )
+    model, data = DigitsClassifier(), DigitsDataModule(batch_size=batch_size, seed=seed)
     clock = WallClock()
     csv_logger = CSVLogger(output_dir, name="csv", version=name)
     bar = progress and Console().is_terminal
