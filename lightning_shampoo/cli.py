@@ -42,6 +42,12 @@ def _demo_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit-train-batches", type=int, default=None, help="train batches per epoch (default: all)"
     )
+    parser.add_argument(
+        "--max-preconditioner-dim",
+        type=int,
+        default=256,
+        help="Shampoo's block size (default: %(default)s; ShampooCallback's own default is 1024)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -57,6 +63,7 @@ def _run_demo(argv: Sequence[str]) -> int:
         seed=args.seed,
         limit_train_batches=args.limit_train_batches,
         progress=not args.no_progress,
+        max_preconditioner_dim=args.max_preconditioner_dim,
     )
     return 0
 

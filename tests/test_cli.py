@@ -63,7 +63,10 @@ def test_demo_quick_variant(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = done.stdout
     assert "Shampoo preconditioner health at step 20" in text
-    assert "Shampoo (ShampooCallback) vs AdamW" in text
+    assert "Shampoo (ShampooCallback(max_preconditioner_dim=256)) vs AdamW" in text
+    assert "to AdamW's val loss" in text  # the time-to-loss column (tests/test_demo.py: its values)
+    adamw_row = next(line for line in text.splitlines() if line.startswith("│ adamw "))
+    assert "s (step 20)" in adamw_row or "s (step 10)" in adamw_row  # AdamW reaches its final loss
     assert "adamw epoch 2/2 step 20" in text and "shampoo epoch 2/2 step 20" in text  # progress lines
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for run_name in ("adamw", "shampoo"):

@@ -25,7 +25,7 @@ from lightning_helpers import (
 from rich.console import Console
 
 from lightning_shampoo import PreconditionerHealthMonitor, Shampoo
-from lightning_shampoo.callbacks.health import health_metrics
+from lightning_shampoo.callbacks.health import HISTOGRAM_EVERY_N_LOGS, health_metrics
 from lightning_shampoo.demo import DigitsClassifier
 from lightning_shampoo.health import summarize
 
@@ -134,7 +134,8 @@ def test_tensorboard_gets_eigenvalue_spectra_per_layer(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb")
-    monitor = PreconditionerHealthMonitor(log_every_n_steps=3, print_table=False)
+    # Histograms at every logging step (their default is every HISTOGRAM_EVERY_N_LOGS-th one).
+    monitor = PreconditionerHealthMonitor(log_every_n_steps=3, histogram_every_n_steps=3, print_table=False)
     trainer = cpu_trainer(tmp_path, max_steps=6, log_every_n_steps=3, logger=logger, callbacks=[monitor])
     trainer.fit(ShampooDigits(), datamodule=digits())
     logger.experiment.flush()
@@ -157,6 +158,36 @@ def test_tensorboard_gets_eigenvalue_spectra_per_layer(tmp_path: Path) -> None:
         assert last.num == h.shape[0]  # one eigenvalue per row of the first factor
         # the spectrum's top is the largest eigenvalue the last refresh (step 6) recorded
         assert last.max == pytest.approx(math.log10(h.max_eigenvalues[0]), abs=1e-3)
+
+
+def test_histograms_default_to_every_tenth_logging_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spectrum costs an eigvalsh per factor (about half a refresh): by default only every
+    HISTOGRAM_EVERY_N_LOGS-th logging step computes them, on the scalars' x-axis."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert HISTOGRAM_EVERY_N_LOGS == 10
+    spectra_steps: list[int] = []
+    real_spectra = Shampoo.factor_spectra
+
+    def counted(self: Shampoo) -> dict[tuple[str, int], torch.Tensor]:
+        spectra_steps.append(int(self.param_groups[0]["step"]))
+        return real_spectra(self)
+
+    monkeypatch.setattr(Shampoo, "factor_spectra", counted)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = PreconditionerHealthMonitor(log_every_n_steps=2, print_table=False)
+    trainer = cpu_trainer(tmp_path, max_steps=41, log_every_n_steps=2, logger=logger, callbacks=[monitor])
+    trainer.fit(ShampooDigits(), datamodule=digits())
+    assert spectra_steps == [20, 40]  # logging steps 2, 4, ..., 40: the 10th and the 20th
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    scalars = [e.step for e in events.Scalars("shampoo/condition_number_max")]
+    assert scalars == list(range(1, 41, 2))
+    tags = events.Tags()["histograms"]
+    assert tags and all([e.step for e in events.Histograms(t)] == [19, 39] for t in tags)
 
 
 @pytest.mark.parametrize("top_k", ["all", None, 0])

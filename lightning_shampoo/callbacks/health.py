@@ -32,12 +32,16 @@ from ._health_table import HealthSnapshot, gather_trainer_health, shampoo_optimi
 from ._logging import batches_that_stepped, cadence, is_due, write_metrics
 
 __all__ = [
+    "HISTOGRAM_EVERY_N_LOGS",
     "PreconditionerHealthMonitor",
     "first_refresh_steps",
     "health_metrics",
     "never_preconditioned",
     "render_health_table",
 ]
+
+#: Default histogram cadence, in logging steps of the monitor (see ``histograms``).
+HISTOGRAM_EVERY_N_LOGS = 10
 
 _LAYER_FIELDS = (
     "condition_number_max",
@@ -209,7 +213,10 @@ class PreconditionerHealthMonitor(pl.Callback):
         top_k: per-layer detail: the ``k`` worst layers (a layer once reported stays reported, so
             its curve has neither gaps nor stale points), ``"all"`` layers, or ``None``/``0``.
         histograms: with a TensorBoard logger, log each layer's factor eigenvalue spectra
-            (``log10``) every ``histogram_every_n_steps`` (default: every logging step); rank 0
+            (``log10``) every ``histogram_every_n_steps`` (default: every
+            ``HISTOGRAM_EVERY_N_LOGS``-th logging step: a layer's spectrum costs an ``eigvalsh`` of
+            each factor, about half a refresh, which at every logging step was 4% of the digits
+            CNN's training time at the trainer's cadence and 18% at every 10 steps); rank 0
             writes them, from the blocks it holds (all of them unless the optimizer is sharded).
         print_table: print a ``rich`` table of the ``table_rows`` worst blocks when training
             ends (rank 0); ``print_table()`` does it on demand.
@@ -270,7 +277,7 @@ class PreconditionerHealthMonitor(pl.Callback):
             return
         optimizers = self._optimizers(trainer)
         logged: dict[str, float] = {}
-        histogram_every = self.histogram_every_n_steps or every
+        histogram_every = self.histogram_every_n_steps or HISTOGRAM_EVERY_N_LOGS * every
         for i, opt in optimizers:
             snapshot = gather_trainer_health(trainer, opt)
             prefix = self.prefix if i == optimizers[0][0] else f"{self.prefix}/opt{i}"
