@@ -32,6 +32,7 @@ from .preconditioners import (
     SpectralDescentPreconditionerConfig,
     SVDOrthogonalizationConfig,
 )
+from .pt2 import ShampooPT2CompileConfig
 from .strategies import ShampooDDPStrategy, ShampooFSDPStrategy
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ __all__ = [
     "ShampooCallback",
     "ShampooDDPStrategy",
     "ShampooFSDPStrategy",
+    "ShampooPT2CompileConfig",
     "SignDescentPreconditionerConfig",
     "SpectralDescentPreconditionerConfig",
     "WeightDecayType",

@@ -18,7 +18,7 @@ from ._workspace import Lane
 from .preconditioners import Context, Preconditioner
 from .preconditioners.base import commit_
 
-__all__ = ["due_blocks", "is_refresh_step", "refresh_bucket", "refresh_lane"]
+__all__ = ["due_blocks", "is_refresh_step", "refresh_bucket", "refresh_lane", "refresh_pending"]
 
 
 def is_refresh_step(step: int, frequency: int, start: float) -> bool:
@@ -99,12 +99,10 @@ def refresh_lane(
         if not slot.kernel.amortized:
             continue
         key, g = slot.bucket.key, slot.bucket.group
-        group = groups[g]
-        due = is_refresh_step(
-            steps[g].step, group["precondition_frequency"], group["start_preconditioning_step"]
-        )
+        due = _scheduled(slot, groups, steps)
         if not (due or key in requests or key in missed):
             continue
+        group = groups[g]
         status = slot.state["status"]
         commit = status["refresh_request"] | status["refresh_missed"]
         if due:
@@ -120,6 +118,29 @@ def refresh_lane(
             missed.discard(key)
         elif due:
             missed.add(key)
+
+
+def _scheduled(slot: Any, groups: Sequence[Mapping[str, Any]], steps: Sequence[Any]) -> bool:
+    group = groups[slot.bucket.group]
+    return is_refresh_step(
+        steps[slot.bucket.group].step, group["precondition_frequency"], group["start_preconditioning_step"]
+    )
+
+
+def refresh_pending(
+    lane: Lane,
+    groups: Sequence[Mapping[str, Any]],
+    steps: Sequence[Any],
+    requests: set[str],
+    missed: set[str],
+) -> bool:
+    """Whether ``refresh_lane`` would refresh any bucket of ``lane`` this step (host values only):
+    a step that does is not a plain step."""
+    return any(
+        slot.kernel.amortized
+        and (slot.bucket.key in requests or slot.bucket.key in missed or _scheduled(slot, groups, steps))
+        for slot in lane.slots
+    )
 
 
 def _expand(values: Tensor, rows: Tensor, n: int) -> Tensor:

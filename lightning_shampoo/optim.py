@@ -25,9 +25,10 @@ from torch import Tensor
 
 from . import _checkpoint, _stages, compat
 from ._checks import clamp_epsilon_scale
-from ._refresh import refresh_lane
+from ._lane_step import LaneStepper
+from ._refresh import refresh_lane, refresh_pending
 from ._validation import check_grad, validate_constructor_options, validate_group, validate_params
-from ._workspace import Lane, Workspace, param_view
+from ._workspace import Lane, Workspace
 from .blocking import layout_param
 from .health import FALLBACK_CODES, BlockHealth, collect_health, factor_spectra
 from .plan import BlockPlan, Bucket, CostModel, GroupBlocks, build_plan
@@ -68,9 +69,11 @@ class Shampoo(torch.optim.Optimizer):
     than this many remain (``math.inf``: never merged); 2 keeps a matrix a matrix.
     ``use_torch_momentum``: momentum and dampening as ``torch.optim.SGD`` (the first step
     undamped) instead of Distributed Shampoo's zero-started buffer; they agree without dampening.
+    ``shampoo_pt2_compile_config`` (a ``ShampooPT2CompileConfig``, as Distributed Shampoo's):
+    plain steps run as one ``torch.compile``d graph per lane; refreshes stay eager (``pt2``).
     Distributed Shampoo's newer names (``weight_decay_type``, ``iterate_averaging_config``,
-    ``use_pin_memory``, ``shampoo_pt2_compile_config``, ``distributed_config``) are translated
-    into ours or refused, per group (``lightning_shampoo.compat``).
+    ``use_pin_memory``, ``distributed_config``) are translated into ours or refused, per group
+    (``lightning_shampoo.compat``).
     """
 
     def __init__(
@@ -104,7 +107,10 @@ class Shampoo(torch.optim.Optimizer):
         shampoo_pt2_compile_config: Any = None,
         distributed_config: Any = None,
     ) -> None:
-        validate_constructor_options(use_bucketing, max_bucket_numel)
+        compile_config = validate_constructor_options(
+            use_bucketing, max_bucket_numel, shampoo_pt2_compile_config
+        )
+        self._stepper = LaneStepper(compile_config)
         self._params: list[Tensor] = []
         self._names: list[str] = []
         self._groups: list[GroupBlocks] = []
@@ -149,7 +155,6 @@ class Shampoo(torch.optim.Optimizer):
                 weight_decay_type=weight_decay_type,
                 iterate_averaging_config=iterate_averaging_config,
                 use_pin_memory=use_pin_memory,
-                shampoo_pt2_compile_config=shampoo_pt2_compile_config,
                 distributed_config=distributed_config,
             )
         )
@@ -343,29 +348,35 @@ class Shampoo(torch.optim.Optimizer):
         steps: list[_stages.GroupStep],
         seconds: dict[int, float],
     ) -> None:
-        persistent = params is self._params
-
-        def views(link: Any) -> Tensor:
-            return param_view(lane, link, params, persistent)
-
-        present, all_present = _stages.gather(lane, grads)
-        _stages.l2_decay(lane, steps, views)
-        _stages.guard(lane, present, all_present)
-        _stages.ema_table(lane)
         for slot in lane.slots:
             slot.ctx.step = slot.graft_ctx.step = steps[slot.bucket.group].step
-        _stages.statistics(lane)
-        refresh_lane(
-            lane, self.param_groups, steps, present, all_present, self._requests, self._missed, seconds
+
+        def refresh(present: torch.Tensor, all_present: bool) -> None:
+            refresh_lane(
+                lane, self.param_groups, steps, present, all_present, self._requests, self._missed, seconds
+            )
+
+        self._stepper.run(
+            lane,
+            grads,
+            params,
+            steps,
+            frozenset(self._fallback),
+            params is self._params,
+            self._distributor is None,
+            refresh,
+            lambda: refresh_pending(lane, self.param_groups, steps, self._requests, self._missed),
         )
-        _stages.after_refresh(lane)
-        _stages.filter_moments(lane)
-        _stages.direction(lane, steps, frozenset(self._fallback))
-        _stages.weight_decay(lane, steps, views)
-        _stages.momentum(lane, steps)
-        _stages.learning_rate(lane, steps)
-        if self._distributor is None:
-            _stages.apply_updates(lane, views)
+
+    @property
+    def compile_config(self) -> Any:
+        """The ``ShampooPT2CompileConfig`` plain steps are compiled with (``None``: eager)."""
+        return self._stepper.config
+
+    @property
+    def compiled_steps(self) -> int:
+        """Lane steps run by a compiled graph so far (refreshes and warm-up steps are eager)."""
+        return self._stepper.compiled_steps
 
     # --------------------------------------------------------------------- block-level controls
 
