@@ -1,8 +1,8 @@
 """One lane's step: the stages of ``_stages`` in order, run eagerly or through ``torch.compile``.
 
 With a ``ShampooPT2CompileConfig`` (``pt2``), a *plain* step of a lane (no refresh due, every
-gradient present, every kernel ``compilable``) runs as one compiled graph; everything else runs
-the same stages eagerly. The graph must not change from step to step, so:
+gradient present, every kernel ``compilable``, not sharded) runs as one compiled graph;
+everything else runs the same stages eagerly. The graph must not change from step to step, so:
 
 * the learning rate is read from a lane tensor (``write_rates`` fills it on the host, and only
   when it changed), never baked in as a constant; the step count and the bias corrections are
@@ -87,8 +87,9 @@ def write_rates(lane: Lane, steps: Sequence[_stages.GroupStep]) -> None:
         lane.cache["rate_vector"] = torch.zeros(lane.size, dtype=lane.dtype, device=lane.device)
         vector = lane.cache["rate_vector"]
         lane.cache["rate_views"] = [shaped(vector, slot, slot.out.ndim) for slot in lane.slots]
+        lane.cache["rate_groups"] = sorted({slot.bucket.group for slot in lane.slots})
     written = lane.cache["rate_values"]
-    for g in sorted({slot.bucket.group for slot in lane.slots}):
+    for g in lane.cache["rate_groups"]:
         lr = steps[g].lr
         if isinstance(lr, Tensor):
             rates[g].fill_(torch.where(torch.isfinite(lr) & (lr >= 0), lr, 0.0).neg())
@@ -169,7 +170,8 @@ class LaneStepper:
         args = (lane, grads, params, steps, fallback, persistent, apply, True)
         key = warm_key(steps, fallback)
         plain = (
-            self.compilable(lane)
+            apply  # sharded (a distributor applies the updates): eager, not yet traced
+            and self.compilable(lane)
             and all(grads[i] is not None for i in _param_indices(lane))
             and not refresh_pending()
         )

@@ -28,6 +28,7 @@ from lightning_shampoo import (
     PSGDKronPreconditionerConfig,
     RootInvShampooPreconditionerConfig,
     Shampoo,
+    ShampooCallback,
     ShampooPT2CompileConfig,
     configure_shampoo,
 )
@@ -90,16 +91,26 @@ def _shampoo(config: Any = None, **kwargs: Any) -> Callable[[nn.Module], Shampoo
     return lambda model: Shampoo(model.parameters(), shampoo_pt2_compile_config=config, **options)
 
 
-def _assert_same(ours: tuple[nn.Module, Shampoo], eager: tuple[nn.Module, Shampoo], **tol: float) -> None:
-    exact = {} if tol else {"rtol": 0.0, "atol": 0.0}
+def _assert_same(
+    ours: tuple[nn.Module, Shampoo],
+    eager: tuple[nn.Module, Shampoo],
+    tol: dict[str, float] | None = None,
+    state_tol: dict[str, float] | None = None,
+) -> None:
+    """Parameters and every state tensor equal (bitwise unless tolerances are given)."""
+    exact = {"rtol": 0.0, "atol": 0.0}
     for (name, a), (_, b) in zip(ours[0].named_parameters(), eager[0].named_parameters(), strict=True):
-        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}", **tol, **exact)
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}", **(tol or exact))
     ours_state, eager_state = _states(ours[1]), _states(eager[1])
     assert ours_state.keys() == eager_state.keys()
     for key, value in ours_state.items():
         if value.dtype.is_floating_point:
             torch.testing.assert_close(
-                value, eager_state[key], equal_nan=True, msg=lambda m, key=key: f"{key}: {m}", **tol, **exact
+                value,
+                eager_state[key],
+                equal_nan=True,
+                msg=lambda m, key=key: f"{key}: {m}",
+                **(state_tol or tol or exact),
             )
         else:
             assert torch.equal(value, eager_state[key]), key
@@ -201,6 +212,10 @@ def test_presets_take_the_config() -> None:
     _assert_same(compiled, eager)
     assert compiled[1].compile_config is config and eager[1].compile_config is None
     assert compiled[1].compiled_steps > 0 and counter.frame_count >= 1
+    model = _tiny()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dropped_in = ShampooCallback(shampoo_pt2_compile_config=config).translate(adamw, model)
+    assert dropped_in.compile_config is config
 
 
 @pytest.mark.slow
@@ -212,7 +227,9 @@ def test_inductor_equals_eager_within_rounding() -> None:
     options = dict(epsilon=1e-4, skip_preconditioning_rank_lt=2)
     compiled = _run(_shampoo(ShampooPT2CompileConfig(backend="inductor"), **options))
     eager = _run(_shampoo(None, **options))
-    _assert_same(compiled, eager, rtol=1e-4, atol=1e-5)
+    # Roots of factors that are still rank-deficient (a 6x32 gradient a step, 32x32 factor)
+    # are ε^(-1/4)-sized and magnify rounding: 1e-3 relative there, 1e-4 on the parameters.
+    _assert_same(compiled, eager, tol=dict(rtol=1e-4, atol=1e-5), state_tol=dict(rtol=1e-3, atol=1e-4))
     assert compiled[1].compiled_steps == COMPILED_STEPS
 
 
