@@ -90,6 +90,9 @@ def gather(lane: Lane, grads: Sequence[Tensor | None]) -> tuple[Tensor, bool]:
             grad = grads[link.layout.index]
             if grad is None:
                 missing.append((slot, i))
+            elif link.grad_like_param is not None:
+                dsts.append(link.grad_like_param)
+                srcs.append(grad)
             else:
                 dsts.append(link.grad_rows)
                 srcs.append(_source(link, grad, processed))
@@ -152,10 +155,9 @@ def ema_table(lane: Lane) -> None:
     t = lane.table
     t["t"].copy_(lane.status["step"])
     torch.addcmul(t["offset"], t["log_beta"], t["t"], out=t["power"])
-    t["correction"].copy_(t["power"].expm1_().neg_())
+    torch.expm1(t["power"], out=t["correction"]).neg_()  # float64 → the lane's dtype, then exact
     alive = lane.vectors["alive"]
-    torch.where(alive, t["beta"], lane.one, out=t["keep"])
-    torch.where(alive, t["one_minus_beta"], lane.zero, out=t["weight"])
+    torch.where(alive, t["live_keep_weight"], t["dead_keep_weight"], out=t["keep_weight"])
     torch.sqrt(t["correction"], out=t["root"])
     torch.reciprocal(t["correction1"], out=t["inverse1"])
 

@@ -122,6 +122,7 @@ GROUP_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "use_nesterov": require_bool,
     "use_torch_momentum": require_bool,
     "use_merge_dims": require_bool,
+    "refresh_stagger": require_bool,
     "stacked": require_bool,
     "step": lambda n, v: require_int(n, v, low=0),
 }

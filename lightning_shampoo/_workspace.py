@@ -104,6 +104,10 @@ class RegionLink:
     grad_rows: Tensor  # rows of the lane's gradient buffer, [g₁, b₁, g₂, b₂, …]
     out_rows: Tensor  # rows of the lane's direction buffer
     row: int  # lane row of the region's first block
+    #: ``grad_rows`` in the parameter's own shape, where its blocks tile the whole parameter in
+    #: row-major order (one region whose rows are contiguous): a gradient of any strides is then
+    #: copied in as it is, with no view made per step.
+    grad_like_param: Tensor | None = None
 
 
 @dataclass
@@ -381,11 +385,11 @@ def _build_lane(
         links = []
         for m in b.members:
             base = numel + m.offset * math.prod(b.block_shape)
-            links.append(
-                RegionLink(
-                    m.param, m.region, _rows(m.region, grad, base), _rows(m.region, out, base), row + m.offset
-                )
-            )
+            grad_rows = _rows(m.region, grad, base)
+            whole = grad_rows.numel() == math.prod(m.param.shape) and grad_rows.is_contiguous()
+            like = grad_rows.view(m.param.shape) if whole else None
+            out_rows = _rows(m.region, out, base)
+            links.append(RegionLink(m.param, m.region, grad_rows, out_rows, row + m.offset, like))
         graft_ctx = replace(ctx, diagonal=_ema(table, _GRAFT, getattr(b.graft, "beta2", 1.0), rows))
         slots.append(Slot(b, st, ctx, graft_ctx, row, g, o, scratch, links))
         row += b.size
@@ -440,9 +444,13 @@ def _ema_table(
     )
     log_beta = torch.where(torch.isinf(log_c), 0.0, torch.log(beta.clamp_min(1e-300)))
     correction = torch.ones(_ROWS, n, dtype=dtype, device=device)
+    # ``keep`` and ``weight`` are the two halves of one tensor so that one ``where`` sets both:
+    # ``(β, 1−β)`` on live blocks, ``(1, 0)`` on dead ones.
+    keep_weight = torch.stack([torch.ones(_ROWS, n), torch.zeros(_ROWS, n)]).to(dtype=dtype, device=device)
     return {
-        "beta": beta.to(dtype),
-        "one_minus_beta": (1.0 - beta).to(dtype),
+        "live_keep_weight": torch.stack([beta, 1.0 - beta]).to(dtype),
+        "dead_keep_weight": torch.tensor([1.0, 0.0], dtype=dtype, device=device).view(2, 1, 1),
+        "keep_weight": keep_weight,
         "log_beta": log_beta,
         # log(c·β^-shift); 1 − c·βᵗ⁻ˢ is computed as −expm1(t·log β + offset)
         "offset": torch.where(torch.isinf(log_c), log_c, log_c - shift * log_beta),
@@ -450,8 +458,8 @@ def _ema_table(
         "power": torch.zeros(_ROWS, n, dtype=torch.float64, device=device),
         "correction": correction,
         "correction1": correction[_BETA1],
-        "keep": torch.ones(_ROWS, n, dtype=dtype, device=device),
-        "weight": torch.zeros(_ROWS, n, dtype=dtype, device=device),
+        "keep": keep_weight[0],
+        "weight": keep_weight[1],
         "root": torch.ones(_ROWS, n, dtype=dtype, device=device),
         "inverse1": torch.ones(n, dtype=dtype, device=device),
     }

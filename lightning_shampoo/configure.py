@@ -39,6 +39,17 @@ AdamW's best or one half-decade above it):
                 every non-matrix parameter on Adam with betas (0.9, 0.95), as Muon practice does
 ==============  ============================================================================
 
+On CUDA the presets refresh with matmuls only (``device_refresh_config``), unless the caller
+chose the refresh: root-inverse Shampoo (``shampoo``) takes the coupled Newton iteration
+(``CoupledNewtonConfig``) instead of ``eigh``, and the eigenbases (``eigen``, ``kl_shampoo``,
+``soap``) a warm-started QR refresh (``QREigendecompositionConfig(reference_soap=True)``: ``eigh``
+at a block's first refresh, then one ``Q ← qr(A Q)`` step from the stored basis). A GPU ``eigh``
+is a slow, host-synchronising solver (~17 ms for 512², far more than the matmuls of a step);
+Newton and QR are a few batched matmuls. On other devices ``eigh`` stays. Passing a config
+object (``preconditioner=RootInvShampooPreconditionerConfig()``, or one with
+``EigenConfig()``) keeps its refresh on every device. Every preset also staggers its refreshes
+(``refresh_stagger=True``: the same refreshes, spread over the interval).
+
 Param groups: matrices and conv kernels (two or more dims of size > 1) get the preset's
 preconditioner and ``weight_decay``; biases, norm weights, scalars and matrices with a size-1 dim
 get Adam (``AdamPreconditionerConfig``) without weight decay; frozen parameters are skipped and
@@ -63,11 +74,14 @@ from ._validation import CONSTRUCTOR_ONLY, validate_constructor_options
 from .optim import Shampoo
 from .preconditioners import (
     AdamPreconditionerConfig,
+    CoupledNewtonConfig,
+    EigenConfig,
     EigendecomposedShampooPreconditionerConfig,
     EigenvalueCorrectedShampooPreconditionerConfig,
     EighEigendecompositionConfig,
     KLShampooPreconditionerConfig,
     PreconditionerConfig,
+    QREigendecompositionConfig,
     RootInvShampooPreconditionerConfig,
     SpectralDescentPreconditionerConfig,
 )
@@ -78,6 +92,8 @@ __all__ = [
     "PRESET_NAMES",
     "Preset",
     "configure_shampoo",
+    "device_refresh_config",
+    "module_device_type",
     "resolve_preset",
     "with_epsilon_rtol",
 ]
@@ -101,6 +117,40 @@ def with_epsilon_rtol(config: PreconditionerConfig, epsilon_rtol: float) -> Prec
         return config
     amortized = replace(config.amortized_computation_config, epsilon_rtol=epsilon_rtol)
     return replace(config, amortized_computation_config=amortized)  # type: ignore[arg-type]  # same family
+
+
+def device_refresh_config(config: PreconditionerConfig, device_type: str) -> PreconditionerConfig:
+    """``config`` with the refresh a preset uses on ``device_type`` (pure; see the module
+    docstring): on ``"cuda"``, ``eigh`` refreshes become matmul-only ones — coupled Newton for
+    root-inverse Shampoo, warm-started QR for eigenbases (eigendecomposed and KL-Shampoo, SOAP) —
+    keeping the damping options. Left as they are: other devices, other refreshes, and what
+    Newton cannot compute (``pseudo_inverse``, inverse exponents overridden to any value)."""
+    if device_type != "cuda":
+        return config
+    amortized = getattr(config, "amortized_computation_config", None)
+    if isinstance(config, RootInvShampooPreconditionerConfig):
+        if type(amortized) is not EigenConfig or amortized.pseudo_inverse or config.inverse_exponent_override:
+            return config
+        newton = CoupledNewtonConfig(epsilon_rtol=amortized.epsilon_rtol)
+        return replace(config, amortized_computation_config=newton)
+    bases = (EigendecomposedShampooPreconditionerConfig, EigenvalueCorrectedShampooPreconditionerConfig)
+    if isinstance(config, bases) and type(amortized) is EighEigendecompositionConfig:
+        qr = QREigendecompositionConfig(
+            reference_soap=True,
+            epsilon_rtol=amortized.epsilon_rtol,
+            pseudo_inverse=amortized.pseudo_inverse,
+            rank_rtol=amortized.rank_rtol,
+        )
+        return replace(config, amortized_computation_config=qr)
+    return config
+
+
+def module_device_type(module: nn.Module) -> str:
+    """Device type of ``module``'s first parameter (``"cpu"`` without any): where its
+    optimizer's refreshes run (Lightning moves the module before ``configure_optimizers``)."""
+    for p in module.parameters():
+        return p.device.type
+    return "cpu"
 
 
 #: Shampoo param-group keys (everything ``Shampoo.__init__`` takes except ``params`` and the
@@ -292,6 +342,7 @@ class _Layout:
             ),
             "max_preconditioner_dim": pick("max_preconditioner_dim", preset.max_preconditioner_dim),
             "use_merge_dims": preset.use_merge_dims,
+            "refresh_stagger": True,  # the same refreshes, spread over the interval
         }
         return {**opts, **self.kwargs}
 
@@ -299,6 +350,7 @@ class _Layout:
         """Adam on parameters a Kronecker factorisation does not serve."""
         common = {k: v for k, v in self.kwargs.items() if k not in ("grafting_config", "betas", "epsilon")}
         return {
+            "refresh_stagger": True,  # moot for Adam (no refresh); the caller's value wins
             **common,
             "preconditioner_config": self.adam,
             "grafting_config": None,
@@ -398,6 +450,9 @@ def configure_shampoo(
     if not isinstance(module, nn.Module):
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
     preset = resolve_preset(preconditioner)
+    device_type = module_device_type(module)
+    if isinstance(preconditioner, str):  # a preset's refresh follows the device; a config is kept
+        preset = replace(preset, config=device_refresh_config(preset.config, device_type))
     for key in shampoo_kwargs:
         if key in ("preconditioner_config", "params"):
             raise ValueError(f"{key} is not an argument of configure_shampoo; use preconditioner=...")
@@ -442,6 +497,9 @@ def configure_shampoo(
             chosen = override.pop("preconditioner", None)
             if chosen is not None:
                 chosen_preset = resolve_preset(chosen)
+                if isinstance(chosen, str):
+                    config = device_refresh_config(chosen_preset.config, device_type)
+                    chosen_preset = replace(chosen_preset, config=config)
                 if isinstance(chosen_preset.config, AdamPreconditionerConfig):
                     base = layout.diagonal()
                     if chosen_preset.config != AdamPreconditionerConfig():  # a config object

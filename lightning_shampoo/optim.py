@@ -26,7 +26,7 @@ from torch import Tensor
 from . import _checkpoint, _stages, compat
 from ._checks import clamp_epsilon_scale
 from ._lane_step import LaneStepper
-from ._refresh import refresh_lane, refresh_pending
+from ._refresh import RefreshSchedule, refresh_lane, refresh_pending
 from ._validation import check_grad, validate_constructor_options, validate_group, validate_params
 from ._workspace import Lane, Workspace
 from .blocking import layout_param
@@ -71,6 +71,11 @@ class Shampoo(torch.optim.Optimizer):
     undamped) instead of Distributed Shampoo's zero-started buffer; they agree without dampening.
     ``shampoo_pt2_compile_config`` (a ``ShampooPT2CompileConfig``, as Distributed Shampoo's):
     plain steps run as one ``torch.compile``d graph per lane; refreshes stay eager (``pt2``).
+    ``refresh_stagger``: spread the refreshes over the ``precondition_frequency`` interval —
+    block ``b`` refreshes on the steps ``≡ φ_b (mod frequency)`` after ``start_preconditioning_step``
+    (where every block refreshes), phases balanced by refresh cost (``_refresh.block_phases``) —
+    so no step pays for every block's refresh; the same number of refreshes. Off (Distributed
+    Shampoo's schedule) by default; ``configure_shampoo``'s presets and ``ShampooCallback`` set it.
     Distributed Shampoo's newer names (``weight_decay_type``, ``iterate_averaging_config``,
     ``use_pin_memory``, ``distributed_config``) are translated into ours or refused, per group
     (``lightning_shampoo.compat``).
@@ -101,6 +106,7 @@ class Shampoo(torch.optim.Optimizer):
         skip_preconditioning_rank_lt: int = 0,
         target_parameter_dimensionality: int | float = 1,
         use_torch_momentum: bool = False,
+        refresh_stagger: bool = False,
         weight_decay_type: Any = None,
         iterate_averaging_config: Any = None,
         use_pin_memory: bool = False,
@@ -117,6 +123,7 @@ class Shampoo(torch.optim.Optimizer):
         self._use_bucketing = use_bucketing
         self._max_bucket_numel = max_bucket_numel
         self._plan: BlockPlan | None = None
+        self._schedule = RefreshSchedule(None)
         self._rank = 0
         self.sharded = False
         self._distributor: Any = None
@@ -147,6 +154,7 @@ class Shampoo(torch.optim.Optimizer):
             skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
             target_parameter_dimensionality=target_parameter_dimensionality,
             use_torch_momentum=use_torch_momentum,
+            refresh_stagger=refresh_stagger,
             stacked=False,
         )
         defaults.update(
@@ -244,6 +252,7 @@ class Shampoo(torch.optim.Optimizer):
 
     def _set_plan(self, plan: BlockPlan, rank: int) -> None:
         self._plan, self._rank, self._workspace = plan, rank, None
+        self._schedule = RefreshSchedule(plan)  # staggered phases follow the plan (never stored)
         self.sharded = plan.world_size > 1  # blocks are split across ranks (each holds its own)
         if self._distributor is not None:
             self._distributor.plan = plan
@@ -353,7 +362,20 @@ class Shampoo(torch.optim.Optimizer):
 
         def refresh(present: torch.Tensor, all_present: bool) -> None:
             refresh_lane(
-                lane, self.param_groups, steps, present, all_present, self._requests, self._missed, seconds
+                lane,
+                self.param_groups,
+                steps,
+                present,
+                all_present,
+                self._requests,
+                self._missed,
+                seconds,
+                self._schedule,
+            )
+
+        def pending() -> bool:
+            return refresh_pending(
+                lane, self.param_groups, steps, self._requests, self._missed, self._schedule
             )
 
         self._stepper.run(
@@ -365,7 +387,7 @@ class Shampoo(torch.optim.Optimizer):
             params is self._params,
             self._distributor is None,
             refresh,
-            lambda: refresh_pending(lane, self.param_groups, steps, self._requests, self._missed),
+            pending,
         )
 
     @property
@@ -413,6 +435,16 @@ class Shampoo(torch.optim.Optimizer):
             if epsilon_scale is not None:
                 status["epsilon_scale"][rows] = clamp_epsilon_scale(epsilon_scale)
             self._requests.add(key)
+
+    def refresh_phases(self, group: int = 0) -> dict[tuple[int, int], int]:
+        """Each amortized block's refresh phase in param group ``group`` at its current
+        ``precondition_frequency`` (all 0 unless ``refresh_stagger``): block ``b`` refreshes on
+        the steps ``≡ phase (mod frequency)`` past ``start_preconditioning_step``."""
+        frequency = self.param_groups[group]["precondition_frequency"]
+        phases = self._schedule.phases(group, frequency)
+        if not self.param_groups[group].get("refresh_stagger", False) or frequency == 1:
+            return dict.fromkeys(phases, 0)
+        return phases
 
     def _sync_host_flags(self) -> None:
         """Read the per-block flags into their host mirrors (a device read: off the step)."""

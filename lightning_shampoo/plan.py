@@ -36,6 +36,7 @@ __all__ = [
     "block_cost",
     "build_plan",
     "lpt_assign",
+    "refresh_flops",
     "refresh_weighted_cost",
 ]
 
@@ -44,6 +45,11 @@ CostModel = Callable[[tuple[int, ...], tuple[int, ...], int], float]
 BlockKey = tuple[int, int]  # (param index, block index)
 
 _EIGH_FLOPS = 10.0  # a symmetric eigendecomposition costs roughly 10·d³ flops
+
+
+def refresh_flops(shape: tuple[int, ...], factor_dims: tuple[int, ...]) -> float:
+    """Work of one refresh of one block, in flops (``≈ 10·dᵢ³`` per factor: eigh and root)."""
+    return sum(_EIGH_FLOPS * shape[i] ** 3 for i in factor_dims)
 
 
 def block_cost(
@@ -55,7 +61,7 @@ def block_cost(
     what the state's memory scales with for diagonal preconditioners)."""
     numel = math.prod(shape)
     dims = [shape[i] for i in factor_dims]
-    refresh = sum(_EIGH_FLOPS * d**3 for d in dims)
+    refresh = refresh_flops(shape, factor_dims)
     return refresh / max(1, precondition_frequency) + numel * (8.0 + 4.0 * sum(dims))
 
 

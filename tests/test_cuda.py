@@ -21,7 +21,7 @@ from lightning_shampoo import (
     ShampooCallback,
     configure_shampoo,
 )
-from lightning_shampoo.configure import PRESET_NAMES, resolve_preset
+from lightning_shampoo.configure import PRESET_NAMES, device_refresh_config, resolve_preset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -44,14 +44,20 @@ def _float64(config: PreconditionerConfig) -> PreconditionerConfig:
     return replace(config, **wide)
 
 
-def _optimizer(model: nn.Module, preset: str, wide: bool = False) -> Shampoo:
+def _optimizer(
+    model: nn.Module, preset: str, wide: bool = False, frequency: int = FREQUENCY, **kwargs: object
+) -> Shampoo:
     """The preset without merged dimensions: merged, a 40x24 weight gets one 960x960 factor that
     stays rank-deficient for hundreds of steps, and with the Shampoo presets' epsilon 1e-12 its
     null space magnifies rounding (float32 vs float64 on the CPU alone: 15% after 12 steps).
-    Muon needs the merge (its 3-D weight becomes a matrix)."""
+    Muon needs the merge (its 3-D weight becomes a matrix). ``wide``: the float64 config the
+    preset picks on CUDA (its matmul-only refresh, ``device_refresh_config``), passed as an
+    object, so the same on either device."""
     merge = preset == "muon"
-    config = _float64(resolve_preset(preset).config) if wide else preset
-    opt = configure_shampoo(model, config, lr=1e-2, precondition_frequency=FREQUENCY, use_merge_dims=merge)
+    config = _float64(device_refresh_config(resolve_preset(preset).config, "cuda")) if wide else preset
+    opt = configure_shampoo(
+        model, config, lr=1e-2, precondition_frequency=frequency, use_merge_dims=merge, **kwargs
+    )
     assert isinstance(opt, Shampoo)
     return opt
 
@@ -112,23 +118,28 @@ def _state_devices(opt: torch.optim.Optimizer) -> set[str]:
     return walk(dict(opt.state))
 
 
+@pytest.mark.parametrize("stagger", [False, True], ids=["all_at_once", "staggered"])
 @pytest.mark.parametrize("preset", PRESET_NAMES)
-def test_plain_steps_never_synchronise(preset: str) -> None:
-    """``torch.cuda.set_sync_debug_mode("error")`` raises on any blocking host sync in a step."""
+def test_plain_steps_never_synchronise(preset: str, stagger: bool) -> None:
+    """``torch.cuda.set_sync_debug_mode("error")`` raises on any blocking host sync in a step.
+    Staggered, a step is plain when no block's phase is due (a long interval leaves some)."""
     model = small_model().cuda()
-    opt = _optimizer(model, preset)
-    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(3 * FREQUENCY)]
+    frequency = 4 * FREQUENCY if stagger else FREQUENCY
+    opt = _optimizer(model, preset, frequency=frequency, refresh_stagger=stagger)
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(3 * frequency)]
+    due = {0} | {phase for g in range(len(opt.param_groups)) for phase in opt.refresh_phases(g).values()}
+    assert len(due) < frequency  # some plain steps are left to check
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
 
-    for x, y in batches[:FREQUENCY]:  # first refreshes, lazy state
+    for x, y in batches[:frequency]:  # first refreshes, lazy state
         step(x, y)
     torch.cuda.synchronize()
-    for i, (x, y) in enumerate(batches[FREQUENCY:], start=FREQUENCY + 1):
-        if i % FREQUENCY == 0:
+    for i, (x, y) in enumerate(batches[frequency:], start=frequency + 1):
+        if i % frequency in due:
             step(x, y)  # refresh step: eigh/solvers may check their status on the host
             continue
         torch.cuda.set_sync_debug_mode("error")

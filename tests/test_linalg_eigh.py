@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_shampoo.linalg import DEFAULT_JITTERS, safe_eigh
+from lightning_shampoo.linalg import DEFAULT_JITTERS, finite_matrices, safe_eigh
 
 # Checks that depend on precision: (atol on eigenpairs relative to the spectral norm).
 PAIR_ATOL = {torch.float32: 2e-5, torch.float64: 1e-12}
@@ -276,3 +276,25 @@ def test_nonfinite_batched_output_is_rescued(monkeypatch: pytest.MonkeyPatch) ->
     assert not bool(failed.any())
     assert bool(torch.isfinite(values).all())
     _assert_eigenpairs(batch, values, vectors, PAIR_ATOL[torch.float32])
+
+
+def test_finite_matrices_by_reduction_is_exact_or_conservative() -> None:
+    x = torch.ones(5, 3, 3)
+    x[1, 0, 2] = math.nan
+    x[2, 1, 1] = math.inf
+    x[3, 0, 0], x[3, 2, 2] = math.inf, -math.inf  # inf − inf: the sum is NaN, still flagged
+    x[4] = torch.diag(torch.tensor([3e38, 3e38, 3e38]))  # finite, but its sum overflows float32
+    assert finite_matrices(x).tolist() == [True, False, False, False, False]  # conservative
+    assert finite_matrices(x, exact=True).tolist() == [True, False, False, False, True]
+    assert finite_matrices(x.double()).tolist() == [True, False, False, False, True]
+
+
+def test_overflowing_sum_is_not_a_failure() -> None:
+    """A finite factor whose entries sum past float32's range is decomposed, not skipped."""
+    spectrum = torch.tensor([1e38, 2e38, 3e38, 3.3e38])
+    a = torch.stack([torch.diag(spectrum), torch.eye(4)])
+    values, vectors, failed = safe_eigh(a)
+    assert failed.tolist() == [False, False]
+    torch.testing.assert_close(values[0], spectrum, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(values[1], torch.ones(4))
+    assert bool(torch.isfinite(vectors).all())

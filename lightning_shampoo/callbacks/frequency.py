@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 
 from .._checks import describe, require_bool, require_int, require_str
+from .._refresh import is_refresh_step
 from ..optim import Shampoo
 from ..schedules import AdaptiveFrequency, FrequencySchedule, FrequencyScheduleSpec, make_frequency_schedule
 from ._logging import write_metrics
@@ -101,7 +102,9 @@ class PreconditionFrequencyScheduler(pl.Callback):
             if tolerance is not None:
                 group["refresh_tolerance"] = tolerance
             frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
-            due = due or (step % frequency == 0 and step > start) or step == start
+            # The unstaggered grid: staggered blocks refresh between its steps, and the counters
+            # read after a grid step are cumulative, so they include those refreshes.
+            due = due or is_refresh_step(step, frequency, start)
         return due
 
     # ----------------------------------------------------------------------------- lightning

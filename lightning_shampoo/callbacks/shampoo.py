@@ -31,6 +31,8 @@ from ..configure import (
     GROUP_KEYS,
     Preset,
     configure_shampoo,
+    device_refresh_config,
+    module_device_type,
     resolve_preset,
     with_epsilon_rtol,
 )
@@ -81,7 +83,9 @@ class ShampooCallback(pl.Callback):
     Args:
         preconditioner: a preset name of ``configure_shampoo`` (``"shampoo"``, ``"eigen"``,
             ``"kl_shampoo"``, ``"soap"``, ``"psgd_kron"``, ``"adam"``) or a preconditioner config
-            (used as given). The Shampoo presets get the relative damping
+            (used as given). On CUDA a preset refreshes with matmuls only (coupled Newton,
+            warm-started QR; ``configure.device_refresh_config``), and every preset staggers its
+            refreshes (``refresh_stagger=True``). The Shampoo presets get the relative damping
             ``ε + EPSILON_RTOL·λ_max`` per factor here (``configure.EPSILON_RTOL``): a
             rounding-level change of the data then moves the run ~1e-5, not ~1e-2, at the same
             steps on the convergence suite.
@@ -157,6 +161,8 @@ class ShampooCallback(pl.Callback):
             # gives them Adam: a Kronecker factor of a vector is one d x d matrix (6-19% of the
             # transformer's step time in the convergence suite) for no measured gain.
             "skip_preconditioning_rank_lt": 2,
+            # The same refreshes spread over the interval (no step pays for all of them).
+            "refresh_stagger": True,
             **shampoo_kwargs,
         }
         self._check_options()
@@ -301,14 +307,26 @@ class ShampooCallback(pl.Callback):
         for name, p in module.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), name)
 
+        options = self._device_options(module)
+
         def translate(optimizer: torch.optim.Optimizer) -> Shampoo:
             shampoo = translate_optimizer(
-                optimizer, self.options, names, self._factor_beta(), default_factor_beta=self.preset.betas[1]
+                optimizer, options, names, self._factor_beta(), default_factor_beta=self.preset.betas[1]
             )
             self.optimizers.append(shampoo)
             return shampoo
 
         return translate_output(output, translate)
+
+    def _device_options(self, module: torch.nn.Module) -> dict[str, Any]:
+        """``self.options`` with a preset's refresh chosen for the module's device (matmul-only
+        on CUDA: ``configure.device_refresh_config``); a config given as ``preconditioner`` is
+        kept as it is."""
+        options = dict(self.options)
+        if isinstance(self.preconditioner, str):
+            config = device_refresh_config(options["preconditioner_config"], module_device_type(module))
+            options["preconditioner_config"] = config
+        return options
 
     def _factor_beta(self) -> float | None:
         """``betas[1]`` of the translated groups (``None``: the source's second-moment β)."""
@@ -318,11 +336,11 @@ class ShampooCallback(pl.Callback):
 
     def default_optimizer(self, module: torch.nn.Module) -> Shampoo | dict[str, Any]:
         """``configure_shampoo`` with this callback's settings (modules without an optimizer)."""
-        options = dict(self.options)
-        options.pop("preconditioner_config")
+        options = self._device_options(module)
+        config = options.pop("preconditioner_config")
         options.pop("skip_preconditioning_rank_lt")  # moot: configure_shampoo puts vectors on Adam
         betas = None if self.beta2 is None else (self.preset.betas[0], self.beta2)
-        result = configure_shampoo(module, self.preset.config, betas=betas, **options)
+        result = configure_shampoo(module, config, betas=betas, **options)
         self.optimizers.append(result if isinstance(result, Shampoo) else result["optimizer"])
         return result
 

@@ -1,7 +1,7 @@
 """Pure numerical kernels on batched ``[..., d, d]`` tensors: no optimizer state, no Lightning."""
 
 from .eigh import DEFAULT_JITTERS, EighResult, safe_eigh
-from .elementwise import stable_pow
+from .elementwise import finite_matrices, stable_pow
 from .orthogonal import (
     NEWTON_SCHULZ_COEFFICIENTS,
     OrthogonalIterationResult,
@@ -40,6 +40,7 @@ __all__ = [
     "SpectrumStats",
     "balance_factors",
     "coupled_newton_inverse_root",
+    "finite_matrices",
     "inverse_root_from_eigh",
     "lipschitz_update",
     "matrix_inverse_root",

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .elementwise import finite_matrices
+
 __all__ = ["DEFAULT_JITTERS", "EighResult", "safe_eigh"]
 
 #: Diagonal shifts tried after the float64 retry, relative to the mean absolute diagonal.
@@ -32,10 +34,6 @@ class EighResult(NamedTuple):
     failed: Tensor
 
 
-def _finite_matrices(x: Tensor) -> Tensor:
-    return torch.isfinite(x).flatten(-2).all(-1)
-
-
 def _ladder(matrix: Tensor, retry_float64: bool, jitters: Sequence[float]) -> tuple[Tensor, Tensor] | None:
     """Fallbacks for one matrix; returns ``None`` when every rung fails."""
     attempts: list[tuple[Tensor, float]] = []
@@ -50,7 +48,7 @@ def _ladder(matrix: Tensor, retry_float64: bool, jitters: Sequence[float]) -> tu
             values, vectors = torch.linalg.eigh(candidate)
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             continue
-        if bool(torch.isfinite(values).all()) and bool(torch.isfinite(vectors).all()):
+        if bool(torch.isfinite(values.sum() + vectors.sum())):  # a false alarm tries the next rung
             return (values - shift).to(matrix.dtype), vectors.to(matrix.dtype)
     return None
 
@@ -71,11 +69,18 @@ def safe_eigh(
     d = matrices.shape[-1]
     batch = matrices.shape[:-2]
     eye = torch.eye(d, dtype=matrices.dtype, device=matrices.device)
-    finite_in = _finite_matrices(matrices)
-    safe = torch.where(finite_in[..., None, None], matrices, eye)
+    # One sum per matrix (not an elementwise isfinite of the whole batch); its host sync tells
+    # whether any placeholder is needed at all (the common case: none, and no ``where``).
+    finite_in = finite_matrices(matrices, exact=True)
+    all_finite = bool(finite_in.all())
+    safe = matrices if all_finite else torch.where(finite_in[..., None, None], matrices, eye)
     try:
         values, vectors = torch.linalg.eigh(safe)
-        bad = ~(torch.isfinite(values).all(-1) & _finite_matrices(vectors)) & finite_in
+        # Eigenvector entries are at most 1 in magnitude: this sum overflows only with the
+        # eigenvalues, and a false alarm only sends the matrix down the (exact) ladder.
+        bad = ~torch.isfinite(values.sum(-1) + vectors.sum((-2, -1)))
+        if not all_finite:
+            bad &= finite_in
     except RuntimeError:
         values = torch.ones(*batch, d, dtype=matrices.dtype, device=matrices.device)
         vectors = eye.expand(*batch, d, d).clone()
@@ -89,8 +94,11 @@ def safe_eigh(
             rescued = _ladder(flat_safe[i], retry_float64, jitters)
             if rescued is None:
                 flat_values[i], flat_vectors[i], flat_failed[i] = 1.0, eye, True
+                all_finite = False
             else:
                 flat_values[i], flat_vectors[i] = rescued
+    if all_finite:  # no placeholder to write
+        return EighResult(values, vectors, failed)
     placeholder = failed[..., None]
     values = torch.where(placeholder, torch.ones_like(values), values)
     vectors = torch.where(placeholder[..., None], eye, vectors)

@@ -58,7 +58,7 @@ def orthogonal_iteration(
     for _ in range(power_iter_steps):
         q, _ = torch.linalg.qr(matrices @ q)
     values = rayleigh_quotients(matrices, q)
-    failed = ~(torch.isfinite(q).flatten(-2).all(-1) & torch.isfinite(values).all(-1))
+    failed = ~torch.isfinite(q.sum((-2, -1)) + values.sum(-1))  # one reduction (see finite_matrices)
     return OrthogonalIterationResult(values, q, permutation, failed)
 
 
@@ -102,7 +102,7 @@ def qr_algorithm(
         active &= ~off_diagonal_within(b, tolerance)
     values, order = b.diagonal(dim1=-2, dim2=-1).sort(dim=-1, stable=True)
     q = q.gather(-1, order.unsqueeze(-2).expand_as(q))
-    failed = ~(torch.isfinite(q).flatten(-2).all(-1) & torch.isfinite(values).all(-1))
+    failed = ~torch.isfinite(q.sum((-2, -1)) + values.sum(-1))  # one reduction (see finite_matrices)
     return OrthogonalIterationResult(values, q, None, failed)
 
 

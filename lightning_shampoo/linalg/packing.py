@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pack", "pack_into", "packed_size", "unpack", "unpack_into", "unpacked_dim"]
+__all__ = [
+    "pack",
+    "pack_into",
+    "packed_size",
+    "symmetric_index",
+    "unpack",
+    "unpack_into",
+    "unpacked_dim",
+    "upper_index",
+]
 
 
 def packed_size(d: int) -> int:
@@ -49,6 +58,16 @@ def _make_indices(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
     packed[rows, cols] = torch.arange(rows.numel())
     packed[cols, rows] = torch.arange(rows.numel())
     return upper, packed.reshape(-1).to(device)
+
+
+def upper_index(d: int, device: torch.device) -> Tensor:
+    """Flat positions (in ``d²``) of the packed entries: ``packed = full.view(…, d²)[…, upper]``."""
+    return _indices(d, device)[0]
+
+
+def symmetric_index(d: int, device: torch.device) -> Tensor:
+    """For each of the ``d²`` positions, its packed index: ``full.view(…, d²) = packed[…, symmetric]``."""
+    return _indices(d, device)[1]
 
 
 def pack_into(full: Tensor, out: Tensor) -> Tensor:

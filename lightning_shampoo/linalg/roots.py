@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .eigh import safe_eigh
-from .elementwise import stable_pow
+from .elementwise import finite_matrices, stable_pow
 from .psgd import spectral_norm_lower_bound
 
 __all__ = [
@@ -96,7 +96,7 @@ def matrix_inverse_root(
         rank_rtol=rank_rtol,
         epsilon_rtol=epsilon_rtol,
     )
-    failed = failed | ~torch.isfinite(root).flatten(-2).all(-1)
+    failed = failed | ~finite_matrices(root)
     return RootResult(root, values, failed)
 
 
@@ -153,7 +153,5 @@ def coupled_newton_inverse_root(
             active &= (residual >= tolerance) & torch.isfinite(residual)
             if not bool(active.any()):
                 break
-    failed = (
-        ~torch.isfinite(residual) | (residual > max(tolerance, 1e-3)) | ~torch.isfinite(x).flatten(-2).all(-1)
-    )
+    failed = ~torch.isfinite(residual) | (residual > max(tolerance, 1e-3)) | ~finite_matrices(x)
     return NewtonResult(x, residual, failed)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import SpectrumStats
-from ..linalg.packing import pack, pack_into, unpack_into
+from ..linalg.packing import pack, symmetric_index, unpack_into, upper_index
 from ._context import Context, Ema, StateSpec, outer_operands, per_block
 
 __all__ = [
@@ -105,20 +105,25 @@ def accumulate_outer_(factor: Tensor, x: Tensor, dim: int, ema: Ema, ctx: Contex
 
 
 def _add_outer_packed_(factor: Tensor, x: Tensor, dim: int, alpha: float, ctx: Context | None) -> None:
-    """``factor += alpha · upper(X₍dim₎X₍dim₎ᵀ)`` for a packed factor, through shared buffers."""
+    """``factor += alpha · upper(X₍dim₎X₍dim₎ᵀ)`` for a packed factor: the product into the lane's
+    shared full buffer, its upper triangle gathered into a shared packed one (through flat views
+    cached per bucket, so the plain step makes none), then one ``add_``."""
     left, right = outer_operands(x, dim) if ctx is None else ctx.operands(x, dim)
     n, d = left.shape[0], left.shape[1]
     if ctx is None:
         full = left.new_empty(n, d, d)
+        flat = full.view(n, d * d)
         delta = factor.new_empty(factor.shape)
     else:
         full = ctx.buffer("outer", (n, d, d), factor.dtype, factor.device)
+        flat = ctx.view(("outer_flat", dim), lambda: full.view(n, d * d))
         delta = ctx.buffer("outer_packed", tuple(factor.shape), factor.dtype, factor.device)
     if left.shape[-1] == 1:  # rank one: elementwise, so a block rounds alike in any batch
         torch.mul(left, right, out=full)
     else:
         torch.bmm(left, right, out=full)
-    factor.add_(pack_into(full, delta), alpha=alpha)
+    torch.index_select(flat, -1, upper_index(d, factor.device), out=delta)
+    factor.add_(delta, alpha=alpha)
 
 
 def decay_(pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
@@ -195,13 +200,17 @@ def apply_along_dims(x: Tensor, matrices: Mapping[int, Tensor], *, transpose: bo
 def full_matrix(stored: Tensor, d: int, ctx: Context | None, key: Any) -> Tensor:
     """A symmetric matrix state as ``[n, d, d]``: as it is when stored full; when stored packed
     (``[n, d(d+1)/2]``) unpacked — into the lane's shared buffer ``key`` when a context is given
-    (the plain step: one ``index_select``, nothing allocated), else into a new tensor."""
+    (the plain step: one ``index_select`` into a flat view cached per bucket, nothing allocated),
+    else into a new tensor."""
     if stored.ndim == 3:
         return stored
     shape = (stored.shape[0], d, d)
     if ctx is None:
         return unpack_into(stored, stored.new_empty(shape))
-    return unpack_into(stored, ctx.buffer(key, shape, stored.dtype, stored.device))
+    full = ctx.buffer(key, shape, stored.dtype, stored.device)
+    flat = ctx.view(("flat", key), lambda: full.view(shape[0], d * d))
+    torch.index_select(stored, -1, symmetric_index(d, stored.device), out=flat)
+    return full
 
 
 def store_symmetric_(target: Tensor, full: Tensor, ok: Tensor) -> None:

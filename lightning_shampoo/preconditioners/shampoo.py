@@ -24,6 +24,7 @@ from .._checks import describe, require_bool, require_float, require_int
 from ..linalg import (
     SpectrumStats,
     coupled_newton_inverse_root,
+    finite_matrices,
     inverse_root_from_eigh,
     safe_eigh,
     scaled_epsilon,
@@ -326,7 +327,7 @@ class ShampooPreconditioner(Preconditioner):
                     pseudo_inverse=getattr(options, "pseudo_inverse", False),
                     rank_rtol=getattr(options, "rank_rtol", None),
                 )
-                failed = failed | ~torch.isfinite(root).flatten(1).all(1)
+                failed = failed | ~finite_matrices(root)
                 stats.append(spectrum_stats(values, damping))
                 if self.eigendecomposed:
                     ok = commit & ~failed
