@@ -1,8 +1,9 @@
 """One lane's step: the stages of ``_stages`` in order, run eagerly or through ``torch.compile``.
 
 With a ``ShampooPT2CompileConfig`` (``pt2``), a *plain* step of a lane (no refresh due, every
-gradient present, every kernel ``compilable``, not sharded) runs as one compiled graph;
-everything else runs the same stages eagerly. The graph must not change from step to step, so:
+gradient present, every kernel ``compilable``, not sharded) runs as one compiled graph; a step
+with a refresh due as two (the stages before the refresh, and after it) around the eager
+refresh; everything else runs the same stages eagerly. The graph must not change from step to step, so:
 
 * the learning rate is read from a lane tensor (``write_rates`` fills it on the host, and only
   when it changed), never baked in as a constant; the step count and the bias corrections are
@@ -27,7 +28,15 @@ from . import _stages
 from ._workspace import Lane, param_view, shaped
 from .pt2 import ShampooPT2CompileConfig
 
-__all__ = ["LaneStepper", "lane_step", "learning_rate_tensor", "warm_key", "write_rates"]
+__all__ = [
+    "LaneStepper",
+    "after_refresh",
+    "before_refresh",
+    "lane_step",
+    "learning_rate_tensor",
+    "warm_key",
+    "write_rates",
+]
 
 Refresh = Callable[[Tensor, bool], None]
 
@@ -46,6 +55,20 @@ def lane_step(
     """gather → L2 decay → guard → EMA table → statistics → [refresh] → after-refresh → filter
     → direction → weight decay → momentum → learning rate → apply (``apply``: else the
     distributor applies). ``tensor_rates``: the learning rate from ``write_rates``' tensor."""
+    present, all_present = before_refresh(lane, grads, params, steps, persistent)
+    if refresh is not None:
+        refresh(present, all_present)
+    after_refresh(lane, params, steps, fallback, persistent, apply, tensor_rates)
+
+
+def before_refresh(
+    lane: Lane,
+    grads: Sequence[Tensor | None],
+    params: Sequence[Tensor],
+    steps: Sequence[_stages.GroupStep],
+    persistent: bool,
+) -> tuple[Tensor, bool]:
+    """The stages up to the statistics; returns the ``present`` mask and whether all were."""
 
     def views(link: Any) -> Tensor:
         return param_view(lane, link, params, persistent)
@@ -55,8 +78,23 @@ def lane_step(
     _stages.guard(lane, present, all_present)
     _stages.ema_table(lane)
     _stages.statistics(lane)
-    if refresh is not None:
-        refresh(present, all_present)
+    return present, all_present
+
+
+def after_refresh(
+    lane: Lane,
+    params: Sequence[Tensor],
+    steps: Sequence[_stages.GroupStep],
+    fallback: frozenset[str],
+    persistent: bool,
+    apply: bool,
+    tensor_rates: bool,
+) -> None:
+    """The stages from the statistics kept in a refreshed basis to the update."""
+
+    def views(link: Any) -> Tensor:
+        return param_view(lane, link, params, persistent)
+
     _stages.after_refresh(lane)
     _stages.filter_moments(lane)
     _stages.direction(lane, steps, fallback)
@@ -128,7 +166,7 @@ class LaneStepper:
 
     def __init__(self, config: ShampooPT2CompileConfig | None) -> None:
         self.config = config
-        self.compiled_steps = 0  # plain lane steps run by a compiled graph (tests, benchmarks)
+        self.compiled_steps = 0  # lane steps run by compiled graphs (tests, benchmarks)
 
     def compilable(self, lane: Lane) -> bool:
         return all(
@@ -136,19 +174,21 @@ class LaneStepper:
             for slot in lane.slots
         )
 
-    def _compiled(self, lane: Lane) -> Callable[..., Any]:
-        fn = lane.cache.get("compiled_step")
-        if fn is None:
+    def _compiled(self, lane: Lane, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` compiled for ``lane`` (made once per lane and function)."""
+        key = ("compiled", fn.__name__)
+        compiled = lane.cache.get(key)
+        if compiled is None:
             cfg = self.config
             assert cfg is not None
-            fn = lane.cache["compiled_step"] = torch.compile(
-                _fresh_copy(lane_step),
+            compiled = lane.cache[key] = torch.compile(
+                _fresh_copy(fn),
                 backend=cfg.backend,
                 mode=cfg.mode,
                 fullgraph=cfg.fullgraph,
                 dynamic=cfg.dynamic,
             )
-        return fn
+        return compiled
 
     def run(
         self,
@@ -162,27 +202,35 @@ class LaneStepper:
         refresh: Refresh,
         refresh_pending: Callable[[], bool],
     ) -> None:
-        """One step of ``lane``; ``refresh_pending()``: whether ``refresh`` would do anything."""
+        """One step of ``lane``; ``refresh_pending()``: whether ``refresh`` would do anything.
+
+        Compiled: a plain step is one graph (``lane_step``); a step with a refresh due (with
+        staggered refreshes, most steps of a lane with many blocks) is two graphs around the
+        eager refresh (``before_refresh``, ``after_refresh``)."""
         if self.config is None:
             lane_step(lane, grads, params, steps, fallback, persistent, apply, False, refresh)
             return
         write_rates(lane, steps)
-        args = (lane, grads, params, steps, fallback, persistent, apply, True)
         key = warm_key(steps, fallback)
-        plain = (
+        traceable = (
             apply  # sharded (a distributor applies the updates): eager, not yet traced
             and self.compilable(lane)
             and all(grads[i] is not None for i in _param_indices(lane))
-            and not refresh_pending()
         )
-        if not plain or key not in lane.cache:
-            lane_step(*args, refresh)
-            if plain:
-                lane.cache[key] = True
+        if not traceable or key not in lane.cache:
+            lane_step(lane, grads, params, steps, fallback, persistent, apply, True, refresh)
+            if traceable:
+                lane.cache[key] = True  # its caches are filled: the graphs only read them
             return
         # Views of the parameters are made inside the graph (free there): views cached under
         # no_grad of a parameter updated in place cannot be handed to the tracer.
-        self._compiled(lane)(lane, grads, params, steps, fallback, False, apply, True, None)
+        if refresh_pending():
+            before = self._compiled(lane, before_refresh)
+            present, all_present = before(lane, grads, params, steps, False)
+            refresh(present, all_present)
+            self._compiled(lane, after_refresh)(lane, params, steps, fallback, False, apply, True)
+        else:
+            self._compiled(lane, lane_step)(lane, grads, params, steps, fallback, False, apply, True, None)
         self.compiled_steps += 1
 
 

@@ -35,11 +35,12 @@ from lightning_shampoo import (
 
 STEPS = 10
 #: Steps 1-3 graft alone (start_preconditioning_step defaults to the frequency), refreshes at 4
-#: and 8. Eager: the refreshes and the first step of each phase (1 and 5: they fill the lane's
-#: caches); compiled: 2, 3, 6, 7, 9, 10, by two graphs (grafting alone, then preconditioned).
+#: and 8. Eager: the first step of each phase (1, and 4 which also refreshes: they fill the
+#: lane's caches); compiled: the others, by four graphs — the plain step grafting alone, the
+#: plain step preconditioned, and a refresh step's two (before and after the eager refresh).
 FREQUENCY = 4
-COMPILED_STEPS = 6
-GRAPHS = 2
+COMPILED_STEPS = 8
+GRAPHS = 4
 NAN_STEP = 6  # a plain (compiled) step
 
 
@@ -121,18 +122,21 @@ class _Case:
     name: str
     config: Any
     model_fn: Callable[[], nn.Module]
+    backend: str = "aot_eager"
 
 
+SMALL = _Case("shampoo_small_model", RootInvShampooPreconditionerConfig(), small_model)
 CASES = [
+    _Case("shampoo", RootInvShampooPreconditionerConfig(), _tiny),
+    _Case("soap", EigenvalueCorrectedShampooPreconditionerConfig(), _tiny, "eager"),  # keeps it < 20 s
     # small_model: conv, linear, 3-D and bias parameters (every kind of region and bucket).
-    _Case("shampoo", RootInvShampooPreconditionerConfig(), small_model),
-    _Case("soap", EigenvalueCorrectedShampooPreconditionerConfig(), _tiny),  # ~30 s on small_model
+    pytest.param(SMALL, marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_compiled_plain_steps_equal_eager_without_breaks_or_recompiles(case: _Case) -> None:
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(case.backend)
     # fullgraph=False: a graph break would not raise but hand the backend one more graph.
     config = ShampooPT2CompileConfig(backend=counter, fullgraph=False)
     torch._dynamo.utils.counters.clear()
@@ -163,6 +167,18 @@ def test_learning_rate_changes_and_missing_gradients_do_not_recompile() -> None:
     _assert_same(compiled, eager)
     assert compiled[1].compiled_steps == COMPILED_STEPS - 1  # step 7 ran eagerly
     assert counter.frame_count == GRAPHS
+
+
+def test_staggered_refreshes_run_compiled_around_the_eager_refresh() -> None:
+    """With ``refresh_stagger`` (the presets'), most steps refresh some block: they run as the
+    two graphs around the eager refresh, not eagerly, and recompile nothing."""
+    counter = CompileCounterWithBackend("eager")
+    config = ShampooPT2CompileConfig(backend=counter)
+    compiled = _run(_shampoo(config, refresh_stagger=True))
+    eager = _run(_shampoo(None, refresh_stagger=True))
+    _assert_same(compiled, eager)
+    assert compiled[1].compiled_steps == COMPILED_STEPS
+    assert counter.frame_count <= GRAPHS
 
 
 def test_tensor_learning_rate_is_read_each_step() -> None:
