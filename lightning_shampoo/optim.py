@@ -70,7 +70,8 @@ class Shampoo(torch.optim.Optimizer):
     ``use_torch_momentum``: momentum and dampening as ``torch.optim.SGD`` (the first step
     undamped) instead of Distributed Shampoo's zero-started buffer; they agree without dampening.
     ``shampoo_pt2_compile_config`` (a ``ShampooPT2CompileConfig``, as Distributed Shampoo's):
-    plain steps run as one ``torch.compile``d graph per lane; refreshes stay eager (``pt2``).
+    plain steps run as one ``torch.compile``d graph per lane, refresh steps as two around the
+    eager refresh (``pt2``, ``_lane_step``).
     ``refresh_stagger``: spread the refreshes over the ``precondition_frequency`` interval —
     block ``b`` refreshes on the steps ``≡ φ_b (mod frequency)`` after ``start_preconditioning_step``
     (where every block refreshes), phases balanced by refresh cost (``_refresh.block_phases``) —

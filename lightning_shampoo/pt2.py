@@ -26,10 +26,10 @@ class ShampooPT2CompileConfig:
     ``backend``: a registered backend name (``"inductor"``: generated kernels; ``"aot_eager"``:
     traced but run with eager kernels, for checking) or a backend callable. ``fullgraph=True``
     (the default) makes a graph break an error instead of a silent slow path. ``dynamic=False``:
-    the step's shapes never change, so nothing is traced symbolically. Refreshes, steps with a
-    missing gradient, sharded optimizers (``shard()``, the Shampoo strategies) and PSGD-Kron's
-    buckets (their fit is decided on the host each step) run eagerly; see
-    ``docs/architecture.md``.
+    the step's shapes never change, so nothing is traced symbolically. Refreshes run eagerly
+    between two graphs (the stages before and after them); steps with a missing gradient,
+    sharded optimizers (``shard()``, the Shampoo strategies) and PSGD-Kron's buckets (their fit
+    is decided on the host each step) run eagerly; see ``docs/architecture.md``.
     """
 
     backend: str | Callable[..., Any] = "inductor"
