@@ -31,7 +31,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_shampoo import PreconditionerHealthMonitor, ShampooCallback, configure_shampoo
+from lightning_shampoo import (
+    GeneralizedPrimalAveragingConfig,
+    PreconditionerHealthMonitor,
+    ScheduleFreeConfig,
+    ShampooCallback,
+    configure_shampoo,
+)
 from lightning_shampoo.configure import PRESET_NAMES, resolve_preset
 from lightning_shampoo.preconditioners import PreconditionerConfig
 from lightning_shampoo.preconditioners.amortized import QREigendecompositionConfig
@@ -77,7 +83,12 @@ def parse_overrides(text: str) -> dict[str, Any]:
     for part in filter(None, (p.strip() for p in parts)):
         key, _, value = part.partition("=")
         value = value.strip()
-        out[key.strip()] = float(value) if value in ("inf", "math.inf") else ast.literal_eval(value)
+        if value in ("inf", "math.inf"):
+            out[key.strip()] = float(value)
+        elif value.isidentifier() and value not in ("True", "False", "None"):
+            out[key.strip()] = value  # a bare name: a string (averaging=schedule_free)
+        else:
+            out[key.strip()] = ast.literal_eval(value)
     return out
 
 
@@ -100,7 +111,22 @@ def _preset_config(name: str, overrides: dict[str, Any]) -> str | Preconditioner
     return replace(config, **fields)
 
 
+#: ``averaging=<name>`` overrides: iterate averaging with Distributed Shampoo's default settings.
+AVERAGING = {"schedule_free": ScheduleFreeConfig(), "gpa": GeneralizedPrimalAveragingConfig()}
+
+
+def _averaging(overrides: dict[str, Any]) -> None:
+    """``averaging=schedule_free`` / ``gpa`` → ``iterate_averaging_config`` (evaluated at the
+    averaged weights: ``convergence.Recorder``)."""
+    name = overrides.pop("averaging", None)
+    if name is not None:
+        if name not in AVERAGING:
+            raise ValueError(f"averaging={name!r}: choose from {list(AVERAGING)}")
+        overrides["iterate_averaging_config"] = AVERAGING[name]
+
+
 def _preset(name: str, overrides: dict[str, Any]) -> Callable[[nn.Module, float, int, int], Any]:
+    _averaging(overrides)
     preconditioner = _preset_config(name, overrides)
 
     def configure(module: nn.Module, lr: float, total: int, warmup: int) -> Any:
@@ -119,6 +145,7 @@ def _preset(name: str, overrides: dict[str, Any]) -> Callable[[nn.Module, float,
 
 
 def _callback(overrides: dict[str, Any]) -> Callable[[], list[pl.Callback]]:
+    _averaging(overrides)
     if any(k.startswith("config.") for k in overrides):
         overrides["preconditioner"] = _preset_config(overrides.pop("preconditioner", "shampoo"), overrides)
 

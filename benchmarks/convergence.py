@@ -14,6 +14,7 @@ final training loss, its optimizer-state memory and whether a non-finite value e
     python benchmarks/convergence.py --tasks mlp --optimizers adamw,shampoo,soap
     python benchmarks/convergence.py --quick         # CI smoke run: one task, few steps, asserts
     python benchmarks/convergence.py --report-only --tasks transformer --retime 3   # timing again
+    python benchmarks/convergence.py --tasks mlp --optimizers adamw,shampoo,shampoo:averaging=schedule_free
 
 Results are appended to ``<out>/results.jsonl`` as each run finishes, and a rerun skips the runs
 already there (so an interrupted suite resumes). Set ``OMP_NUM_THREADS=1`` on small machines.
@@ -42,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _optimizers import DEFAULT_OPTIMIZERS, PEERS, Spec, make_spec, peer_status, state_bytes
 from _report import best_lrs, first_reaching, plot_task, seed_table, summarise, table_markdown, write_report
 from _tasks import TASKS, Task, mlp_task
+
+from lightning_shampoo import Shampoo
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A run stops early (and counts as diverged) when its training loss exceeds this × the initial one.
@@ -82,11 +85,16 @@ class Recorder(pl.Callback):
 
     def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         net = module.net  # type: ignore[attr-defined]
+        averaged = [o for o in trainer.optimizers if isinstance(o, Shampoo) and o.averaging]
+        for optimizer in averaged:  # iterate averaging: the averaged weights are the model
+            optimizer.eval()
         net.eval()
         with torch.no_grad():
             train = float(self.task.loss(net, self.task.train_eval))
             val = float(self.task.loss(net, self.task.val))
         net.train()
+        for optimizer in averaged:
+            optimizer.train()
         finite = math.isfinite(train) and math.isfinite(val)
         finite &= all(bool(torch.isfinite(p).all()) for p in net.parameters())
         if self.pending:

@@ -63,13 +63,15 @@ from _tasks import _cnn
 from step_profile import _profile, plain_steps_only, step_stats
 from step_time import _sync
 
-from lightning_shampoo import ShampooCallback, configure_shampoo
+from lightning_shampoo import ScheduleFreeConfig, ShampooCallback, configure_shampoo
 from lightning_shampoo.configure import resolve_preset
 
 #: Steps at the optimizer's own settings before measuring (covers the presets' first refresh).
 WARMUP = 12
 PRESETS = ("shampoo", "soap", "eigen", "kl_shampoo", "psgd_kron", "muon", "adam")
 OPTIMIZERS = ("adamw", "callback", *PRESETS)
+#: Not measured by default: the drop-in and the shampoo preset with Schedule-Free averaging.
+AVERAGED = ("callback_sf", "shampoo_sf")
 
 
 # ---------------------------------------------------------------------------------- models
@@ -130,8 +132,17 @@ def make_optimizer(name: str, module: nn.Module, decay: float = 0.01) -> torch.o
         return torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=decay, foreach=True)
     if name == "callback":
         return ShampooCallback().translate(_decay_groups_adamw(module, decay), module)
+    if name == "callback_sf":
+        callback = ShampooCallback(iterate_averaging_config=ScheduleFreeConfig())
+        return callback.translate(_decay_groups_adamw(module, decay), module)
+    if name == "shampoo_sf":
+        averaged = configure_shampoo(
+            module, "shampoo", weight_decay=decay, iterate_averaging_config=ScheduleFreeConfig()
+        )
+        assert isinstance(averaged, torch.optim.Optimizer)
+        return averaged
     if name not in PRESETS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS + AVERAGED)}")
     preset: Any = name
     if name == "psgd_kron":
         config = resolve_preset(name).config
@@ -264,7 +275,10 @@ def main() -> None:
     if args.steps < 1 or args.rounds < 1:
         raise SystemExit("--steps and --rounds must be >= 1")
     models = _names(args.models, tuple(MODELS), "models")
-    names = ["adamw", *(n for n in _names(args.optimizers, OPTIMIZERS, "optimizers") if n != "adamw")]
+    names = [
+        "adamw",
+        *(n for n in _names(args.optimizers, OPTIMIZERS + AVERAGED, "optimizers") if n != "adamw"),
+    ]
     print(
         f"Plain optimizer step vs AdamW(foreach=True): torch {torch.__version__}, device {args.device}, "
         f"{torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds, "

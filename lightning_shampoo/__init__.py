@@ -1,7 +1,9 @@
 """lightning_shampoo: Kronecker-factored second-order optimizers as a one-line change for Lightning."""
 
+from ._safe_globals import register_safe_globals
 from .averaging import ClassicMomentumConfig, GeneralizedPrimalAveragingConfig, ScheduleFreeConfig
 from .callbacks import (
+    IterateAveragingSwitch,
     PreconditionerHealthMonitor,
     PreconditionFrequencyScheduler,
     SGDFallback,
@@ -35,6 +37,8 @@ from .preconditioners import (
 from .pt2 import ShampooPT2CompileConfig
 from .strategies import ShampooDDPStrategy, ShampooFSDPStrategy
 
+register_safe_globals()  # callbacks that save param groups whole stay weights_only-loadable
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "EigenvalueCorrectedShampooPreconditionerConfig",
     "EighEigendecompositionConfig",
     "GeneralizedPrimalAveragingConfig",
+    "IterateAveragingSwitch",
     "KLShampooPreconditionerConfig",
     "NewtonSchulzOrthogonalizationConfig",
     "PSGDKronPreconditionerConfig",

@@ -150,11 +150,13 @@ def load_rows(
     group_steps: Sequence[int],
     *,
     partial: bool,
+    fresh: bool = False,
 ) -> list[tuple[Tensor, int, Tensor, tuple[int, int], str]]:
     """Check a checkpoint's block rows against the declared state (shapes, presence, the block
     set of every parameter) and return the ``(tensor, row, value)`` copies to make. ``partial``:
-    this optimizer holds only some blocks (sharded), so saved blocks it lacks are fine. Each copy
-    also names its block ``(param index, block index)`` and section."""
+    this optimizer holds only some blocks (sharded), so saved blocks it lacks are fine. ``fresh``:
+    entries the state_dict lacks keep their initial values (another optimizer's state, translated
+    by ``_foreign``). Each copy also names its block ``(param index, block index)`` and section."""
     copies: list[tuple[Tensor, int, Tensor, tuple[int, int], str]] = []
     blocks: dict[int, set[int]] = {}
     for bucket in buckets:
@@ -174,7 +176,7 @@ def load_rows(
                     value = found.get(f"{section}.{key}")
                     where = f"parameter {names[pidx]!r} block {bidx} state {section}.{key}"
                     if value is None:
-                        if section in ("moments", "status"):
+                        if fresh or section in ("moments", "status"):
                             continue  # starts from its declared initial value
                         raise ValueError(
                             f"{where} is missing from the state_dict (was the preconditioner config changed?)"
@@ -218,13 +220,16 @@ def load_into(
     params: Sequence[Tensor],
     *,
     partial: bool,
+    fresh: bool = False,
 ) -> None:
     """Load a checkpoint (``check_loadable`` passed) into allocated state: check its rows before
     writing anything; then copy the rows, reset the blocks whose saved statistics are not
     finite (a warning names each), and take the saved group values."""
     groups = state_dict["param_groups"]
     steps = [int(g.get("step", 0)) for g in groups]
-    copies = load_rows(state_dict["state"], saved_id, buckets, state, names, steps, partial=partial)
+    copies = load_rows(
+        state_dict["state"], saved_id, buckets, state, names, steps, partial=partial, fresh=fresh
+    )
     broken = _broken_blocks(state_dict, saved_id, buckets, names)
     for current, saved in zip(param_groups, groups):
         for key, value in saved.items():
@@ -277,3 +282,14 @@ def _reset_rows(
         for name, spec in schema[section].items():
             target = sections[section][name]
             target[rows] = spec.allocate(len(rows), device).to(target.dtype)
+    for name in ("averaging_z", "averaging_y"):  # iterate averaging restarts at the parameters
+        if name in schema["moments"]:
+            target = sections["moments"][name]
+            values = torch.empty_like(target)
+            numel = values[0].numel()
+            for m in bucket.members:
+                p = params[m.param.index]
+                m.region.rows_view(values.view(-1)[m.offset * numel :], 0).copy_(
+                    m.region.split_view(m.param.processed(p))
+                )
+            target[rows] = values[rows]

@@ -104,6 +104,7 @@ def after_refresh(
         learning_rate_tensor(lane)
     else:
         _stages.learning_rate(lane, steps)
+    _stages.averaging(lane, steps, views)
     if apply:
         _stages.apply_updates(lane, views)
 
@@ -214,6 +215,7 @@ class LaneStepper:
         key = warm_key(steps, fallback)
         traceable = (
             apply  # sharded (a distributor applies the updates): eager, not yet traced
+            and all(s.averaging is None for s in steps)  # its coefficients are host values per step
             and self.compilable(lane)
             and all(grads[i] is not None for i in _param_indices(lane))
         )

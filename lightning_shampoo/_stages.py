@@ -2,6 +2,7 @@
 
     gather → guard → ema_table → statistics → [refresh] → after_refresh → filter
            → direction (precondition, graft, fallback) → weight decay → momentum → learning rate
+           → averaging (GPA / Schedule-Free, ``_averaging_stage``)
 
 Each stage takes the lane, per-group host facts (``GroupStep``) and tensors, and works on every
 bucket of the lane at once: elementwise work is one ``torch._foreach_*`` call (or one op on a
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._averaging_stage import averaging
 from ._workspace import Lane, Slot, shaped
 from .health import FALLBACK_CODES
 from .preconditioners import Preconditioner
@@ -30,6 +32,7 @@ __all__ = [
     "GroupStep",
     "after_refresh",
     "apply_updates",
+    "averaging",
     "direction",
     "ema_table",
     "filter_moments",
@@ -57,6 +60,7 @@ class GroupStep:
     dampening: float
     nesterov: bool
     torch_momentum: bool = False  # torch.optim.SGD's first step (undamped) instead of DS's
+    averaging: Any = None  # GeneralizedPrimalAveragingConfig / ScheduleFreeConfig, or None
 
 
 def _cached(lane: Lane, key: Any, build: Callable[[], Any]) -> Any:
@@ -399,12 +403,15 @@ def _fallback(lane: Lane, slot: Slot, m: Tensor) -> None:
 
 def weight_decay(lane: Lane, steps: Sequence[GroupStep], param_views: Callable[[Any], Tensor]) -> None:
     """Decoupled weight decay ``d += wd·p`` on blocks that are stepped (``ok``), before momentum
-    (Distributed Shampoo's order), through each region's strided views: one foreach call."""
+    (Distributed Shampoo's order), through each region's strided views: one foreach call. Groups
+    with iterate averaging shrink ``z`` instead (the ``averaging`` stage), as Distributed Shampoo."""
     links = [
         (link, steps[slot.bucket.group].weight_decay)
         for slot in lane.slots
         for link in slot.links
-        if steps[slot.bucket.group].decoupled and steps[slot.bucket.group].weight_decay != 0.0
+        if steps[slot.bucket.group].decoupled
+        and steps[slot.bucket.group].weight_decay != 0.0
+        and steps[slot.bucket.group].averaging is None
     ]
     if not links:
         return

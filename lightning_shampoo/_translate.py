@@ -23,9 +23,11 @@ alone — the source optimizer's update — for the whole run.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +41,18 @@ from .preconditioners import (
     SGDPreconditionerConfig,
 )
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "rebind_scheduler", "translate_optimizer", "translate_output"]
+__all__ = [
+    "SUPPORTED_OPTIMIZERS",
+    "GroupTranslator",
+    "rebind_scheduler",
+    "translate_optimizer",
+    "translate_output",
+]
+
+#: Shampoo's param-group keys (its constructor's arguments but ``params``).
+SHAMPOO_GROUP_KEYS = tuple(
+    p for p in inspect.signature(Shampoo.__init__).parameters if p not in ("self", "params")
+)
 
 #: Source optimizers, matched by exact type: a subclass may change the update in ways a
 #: translation would silently drop.
@@ -108,6 +121,51 @@ def _translate_group(kind: type, group: Mapping[str, Any], where: str) -> dict[s
     return out
 
 
+@dataclass(frozen=True)
+class GroupTranslator:
+    """One source optimizer's param group → the Shampoo group that reproduces it (see the module
+    docstring), for the groups at translation and for groups added later (``add_param_group``:
+    missing keys from the source's defaults, as torch fills them)."""
+
+    kind: type
+    source_defaults: Mapping[str, Any] = field(compare=False)
+    options: Mapping[str, Any] = field(compare=False)
+    factor_beta: float | None
+    default_factor_beta: float
+    shampoo_only: frozenset[str]  # Shampoo keys the source does not have: such a group is ours
+
+    def translate(self, group: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The Shampoo group (``params`` and ``param_names`` as given) for a source group."""
+        try:
+            translated = _translate_group(self.kind, group, where)
+        except ValueError as error:
+            raise _from_source(error, self.kind, where) from error
+        beta1 = translated.pop("beta1")
+        beta = self.factor_beta
+        if beta is None:
+            beta = getattr(translated["grafting_config"], "beta2", self.default_factor_beta)
+        extra = {k: v for k, v in group.items() if k not in self.source_defaults and k != "param_names"}
+        out = {**extra, **self.options, **translated, "betas": (beta1, beta)}
+        if "param_names" in group:
+            out["param_names"] = group["param_names"]
+        return out
+
+    def defaults(self) -> dict[str, Any]:
+        """Shampoo's defaults for new groups: the source's defaults, translated."""
+        out = self.translate(dict(self.source_defaults), f"{self.kind.__name__} defaults")
+        out.pop("params", None)
+        return out
+
+    def __call__(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A group added later: translated from the source's terms (missing keys from its
+        defaults); a group already in Shampoo's terms is left as it is."""
+        if any(k in self.shampoo_only for k in group):
+            return group
+        return self.translate(
+            {**self.source_defaults, **group}, f"{self.kind.__name__} param group added later"
+        )
+
+
 def translate_optimizer(
     optimizer: torch.optim.Optimizer,
     options: Mapping[str, Any],
@@ -122,7 +180,9 @@ def translate_optimizer(
     the constructor's ``use_bucketing`` / ``max_bucket_numel``; ``factor_beta``: ``betas[1]``
     (``None``: the source's second-moment β where it has one — Adam's β₂, RMSprop's α — else
     ``default_factor_beta``). ``names``:
-    ``id(param) -> name``, so that health records carry names.
+    ``id(param) -> name``, so that health records carry names. Groups added to the result later
+    (``add_param_group``, e.g. by ``BackboneFinetuning``) are translated the same way, with the
+    source's defaults for what they leave out.
     """
     kind = type(optimizer)
     if kind not in SUPPORTED_OPTIMIZERS:
@@ -138,36 +198,34 @@ def translate_optimizer(
     options = dict(options)
     constructor = {k: options.pop(k) for k in CONSTRUCTOR_ONLY if k in options}
     names = names or {}
+    translator = GroupTranslator(
+        kind,
+        dict(optimizer.defaults),
+        options,
+        factor_beta,
+        default_factor_beta,
+        frozenset(SHAMPOO_GROUP_KEYS) - frozenset(optimizer.defaults),
+    )
     groups = []
     counter = 0
     for g, group in enumerate(optimizer.param_groups):
-        where = f"{kind.__name__} param group {g}"
-        try:
-            translated = _translate_group(kind, group, where)
-        except ValueError as error:
-            raise _from_source(error, kind, where) from error
-        beta1 = translated.pop("beta1")
-        beta = factor_beta
-        if beta is None:
-            beta = getattr(translated["grafting_config"], "beta2", default_factor_beta)
-        extra = {
-            k: v
-            for k, v in group.items()
-            if k not in optimizer.defaults and k not in ("params", "param_names")
-        }
         given = group.get("param_names")
         params = []
         for i, p in enumerate(group["params"]):
             name = given[i] if given else names.get(id(p), f"param{counter}")
             params.append((name, p))
             counter += 1
-        groups.append({**extra, **options, **translated, "betas": (beta1, beta), "params": params})
+        source = {k: v for k, v in group.items() if k != "param_names"}
+        groups.append({**translator.translate(source, f"{kind.__name__} param group {g}"), "params": params})
     try:
-        return Shampoo(groups, **constructor)
+        shampoo = Shampoo(groups, **constructor)
     except ValueError as error:
         failing = _failing_group(groups)
         failed_at = None if failing is None else f"{kind.__name__} param group {failing}"
         raise _from_source(error, kind, failed_at) from error
+    shampoo.configure_new_groups(translator.defaults(), translator, names)
+    shampoo.origin = f"ShampooCallback (from torch.optim.{kind.__name__})"
+    return shampoo
 
 
 def _from_source(error: ValueError, kind: type, where: str | None) -> ValueError:

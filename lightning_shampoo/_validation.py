@@ -228,7 +228,7 @@ def validate_params(
     if "params" not in group:
         raise ValueError("a param group must have a 'params' key")
     out = dict(group)
-    _check_keys(out, [*defaults, "params", "param_names", "step", *DS_ONLY_KEYS])
+    _check_keys(out, [*defaults, "params", "param_names", "step", "train_mode", *DS_ONLY_KEYS])
     params = out["params"]
     if isinstance(params, Tensor):
         params = [params]

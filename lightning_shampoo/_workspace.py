@@ -33,7 +33,17 @@ from .preconditioners import Context, Preconditioner
 from .preconditioners.base import Ema, StateSpec, outer_operands, per_block
 from .preconditioners.diagonal import DiagonalPreconditioner
 
-__all__ = ["SECTIONS", "Lane", "Slot", "Workspace", "bucket_schema", "compute_dtype", "param_view"]
+__all__ = [
+    "SECTIONS",
+    "Lane",
+    "Slot",
+    "Workspace",
+    "averages",
+    "averaging_rows",
+    "bucket_schema",
+    "compute_dtype",
+    "param_view",
+]
 
 #: State sections of a bucket: the preconditioner's statistics, the grafting preconditioner's,
 #: the optimizer's moments (filtered gradient, momentum) and its per-block status.
@@ -49,7 +59,14 @@ def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
-def _status_schema(kernel: Preconditioner, options: Mapping[str, Any]) -> dict[str, StateSpec]:
+def averages(options: Mapping[str, Any]) -> bool:
+    """Whether a group runs iterate averaging (GPA or Schedule-Free; ``averaging.py``)."""
+    return options.get("iterate_averaging_config") is not None
+
+
+def _status_schema(
+    kernel: Preconditioner, options: Mapping[str, Any], dtype: torch.dtype
+) -> dict[str, StateSpec]:
     schema = {
         "step": StateSpec((), torch.int64),  # steps this block took part in (bias corrections)
         "refresh_step": StateSpec((), torch.int64, -1),
@@ -69,6 +86,8 @@ def _status_schema(kernel: Preconditioner, options: Mapping[str, Any]) -> dict[s
         schema["drift"] = StateSpec((), torch.float32, math.nan)
     if options["momentum"] > 0.0:
         schema["momentum_started"] = StateSpec((), torch.bool, False)  # torch SGD's first step
+    if averages(options):
+        schema["averaging_lr_sum"] = StateSpec((), dtype)  # Schedule-Free's Σ lrᵖ
     return schema
 
 
@@ -80,6 +99,11 @@ def _moments_schema(
         schema["filtered_grad"] = StateSpec(block_shape, dtype)
     if options["momentum"] > 0.0:
         schema["momentum_buffer"] = StateSpec(block_shape, dtype)
+    if averages(options):
+        # Iterate averaging: z, the base optimizer's iterates (starts at the parameters), and the
+        # train point y saved by ``Shampoo.eval()`` (restored bitwise by ``train()``).
+        schema["averaging_z"] = StateSpec(block_shape, dtype)
+        schema["averaging_y"] = StateSpec(block_shape, dtype)
     return schema
 
 
@@ -91,7 +115,7 @@ def bucket_schema(
         "precond": bucket.kernel.state_schema(dtype, options),
         "graft": {} if bucket.graft is None else bucket.graft.state_schema(dtype, options),
         "moments": _moments_schema(bucket.kernel, bucket.block_shape, dtype, options),
-        "status": _status_schema(bucket.kernel, options),
+        "status": _status_schema(bucket.kernel, options, dtype),
     }
 
 
@@ -189,7 +213,8 @@ class Workspace:
             key = (compute_dtype(first.dtype), _local(first).device)
             by_lane.setdefault(key, []).append(bucket)
         self.lanes = [
-            _build_lane(dtype, device, members, state, groups) for (dtype, device), members in by_lane.items()
+            _build_lane(dtype, device, members, state, groups, params)
+            for (dtype, device), members in by_lane.items()
         ]
         self._anchors = [(lane, params[lane.slots[0].links[0].layout.index]) for lane in self.lanes]
 
@@ -219,6 +244,7 @@ def signature(groups: Sequence[Mapping[str, Any]]) -> tuple[Any, ...]:
         "use_bias_correction",
         "refresh_tolerance",
         "epsilon",
+        "iterate_averaging_config",
     )
     return tuple(tuple(g.get(k) for k in keys) for g in groups)
 
@@ -300,6 +326,7 @@ def _build_lane(
     buckets: list[Bucket],
     state: dict[str, dict[str, dict[str, Tensor]]],
     groups: Sequence[Mapping[str, Any]],
+    params: Sequence[Tensor],
 ) -> Lane:
     sizes = [b.size for b in buckets]
     total_rows, total_numel = sum(sizes), sum(b.numel for b in buckets)
@@ -313,6 +340,12 @@ def _build_lane(
     )
     # Per-bucket state, with per-block scalars gathered into one lane tensor per status name.
     states = {b.key: allocate_state(b, dtype, device, groups[b.group], state.get(b.key)) for b in buckets}
+    fresh_z = [
+        b.key
+        for b in buckets
+        if "averaging_z" in states[b.key]["moments"]
+        and "averaging_z" not in (state.get(b.key) or {}).get("moments", {})
+    ]
     names: dict[str, Tensor] = {}
     for b in buckets:
         for name, tensor in states[b.key]["status"].items():
@@ -344,6 +377,10 @@ def _build_lane(
             "bcscale",
             "decay",
             "aux",
+            "avg_lr",
+            "avg_w",
+            "avg_cx",
+            "avg_cu",
         )
     }
     for name in ("present", "alive", "ok", "flag"):
@@ -394,6 +431,9 @@ def _build_lane(
         slots.append(Slot(b, st, ctx, graft_ctx, row, g, o, scratch, links))
         row += b.size
         numel += b.numel
+    for slot in slots:
+        if slot.bucket.key in fresh_z:
+            _start_at_parameters(slot, params)
     return Lane(
         dtype=dtype,
         device=device,
@@ -407,6 +447,21 @@ def _build_lane(
         grad_blocks=[blk for s in slots for blk in _blocks(s.grad)],
         out_blocks=[blk for s in slots for blk in _blocks(s.out)],
     )
+
+
+def averaging_rows(slot: Slot, name: str) -> list[Tensor]:
+    """Per region link of ``slot``: the rows of its ``moments[name]`` bucket tensor, laid out as
+    the region's parameter view (``[g₁, b₁, g₂, b₂, …]``, as ``RegionLink.grad_rows``)."""
+    flat = slot.state["moments"][name].view(-1)
+    numel = math.prod(slot.bucket.block_shape)
+    return [link.region.rows_view(flat[(link.row - slot.start) * numel :], 0) for link in slot.links]
+
+
+def _start_at_parameters(slot: Slot, params: Sequence[Tensor]) -> None:
+    """Iterate averaging's sequences start at the parameters (state allocated, not loaded)."""
+    views = [link.region.split_view(link.layout.processed(params[link.layout.index])) for link in slot.links]
+    for name in ("averaging_z", "averaging_y"):
+        torch._foreach_copy_(averaging_rows(slot, name), views)
 
 
 def _view_operands(grad: Tensor, order: int) -> dict[int, tuple[Tensor, Tensor]]:

@@ -12,9 +12,11 @@ Both methods keep two sequences besides the weights the model holds:
 * ``x`` — the evaluation sequence, an average of the ``z``: ``x ← μ_x·x + (1 − μ_x)·z``;
 * ``y = μ_y·x + (1 − μ_y)·z`` — where gradients are taken, held by the model in train mode.
 
-Only ``y`` (the model's weights, in train mode) and ``z`` (``weight_buffer``) are stored:
+Only ``y`` (the model's weights, in train mode) and ``z`` (``weight_buffer``) are needed:
 ``x = (y − (1 − μ_y)·z) / μ_y``. ``train_to_eval`` moves the model's weights from ``y`` to ``x``
-(evaluation and checkpoints of the averaged model) and ``eval_to_train`` back, exactly.
+(evaluation and checkpoints of the averaged model) and ``eval_to_train`` back, up to rounding;
+``Shampoo.eval()`` also saves ``y`` so that its ``train()`` restores it bitwise
+(``_averaging_stage``).
 
 GPA (Defazio et al.'s primal averaging generalised with two constants) uses fixed ``μ_x`` and
 ``μ_y``: ``μ_y = 1`` is heavy-ball momentum and ``μ_y = μ_x`` Nesterov, with ``lr`` scaled by

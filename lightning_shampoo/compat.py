@@ -10,7 +10,10 @@ that gives both with different values). See ``docs/migrating-from-distributed-sh
                                ``INDEPENDENT`` → decoupled with ``weight_decay / peak_lr``
                                (``peak_lr``: the group's, else its ``lr``); ``CORRECTED`` refused
 ``iterate_averaging_config``   ``ClassicMomentumConfig`` → ``momentum``, ``dampening``,
-                               ``use_nesterov``; GPA / Schedule-Free refused (not wired yet)
+                               ``use_nesterov``; ``GeneralizedPrimalAveragingConfig`` /
+                               ``ScheduleFreeConfig`` kept in the group (ours, or Distributed
+                               Shampoo's converted by field), with ``train_mode``; refused with
+                               momentum > 0 (averaging replaces it)
 ``use_pin_memory``             accepted, no effect (our step reads ``lr`` without a copy)
 ``shampoo_pt2_compile_config`` the constructor's (``pt2.ShampooPT2CompileConfig``; Distributed
                                Shampoo's is read by its field names); refused in a param group
@@ -83,23 +86,47 @@ def _translate_weight_decay(group: dict[str, Any], value: Any) -> None:
         group["weight_decay"] = float(group["weight_decay"]) / peak
 
 
+_AVERAGING_FIELDS = {
+    "GeneralizedPrimalAveragingConfig": (
+        GeneralizedPrimalAveragingConfig,
+        ("eval_interp_coeff", "train_interp_coeff"),
+    ),
+    "ScheduleFreeConfig": (ScheduleFreeConfig, ("train_interp_coeff", "eval_coeff_lr_power")),
+    "ClassicMomentumConfig": (ClassicMomentumConfig, ("momentum", "dampening", "use_nesterov")),
+}
+
+
+def _ours(value: Any) -> Any:
+    """Distributed Shampoo's averaging config (same class name and fields) as ours."""
+    entry = _AVERAGING_FIELDS.get(type(value).__name__)
+    if entry is None or isinstance(value, entry[0]):
+        return value
+    cls, fields = entry
+    missing = [f for f in fields if not hasattr(value, f)]
+    if missing:
+        raise ValueError(f"iterate_averaging_config={type(value).__name__}(...) lacks {missing}")
+    return cls(**{f: getattr(value, f) for f in fields})
+
+
 def _translate_averaging(group: dict[str, Any], value: Any) -> None:
-    name = type(value).__name__
-    if isinstance(value, GeneralizedPrimalAveragingConfig | ScheduleFreeConfig) or name in (
-        "GeneralizedPrimalAveragingConfig",
-        "ScheduleFreeConfig",
-    ):
-        raise ValueError(
-            f"iterate_averaging_config={name}(...) is not supported by Shampoo yet (its pure updates are in "
-            "lightning_shampoo.averaging); use ClassicMomentumConfig, or momentum/dampening/use_nesterov"
-        )
+    value = _ours(value)
+    if isinstance(value, GeneralizedPrimalAveragingConfig | ScheduleFreeConfig):
+        if group.get("momentum", 0.0) != 0.0:
+            raise ValueError(
+                f"iterate_averaging_config={type(value).__name__}(...) replaces momentum; got momentum="
+                f"{group['momentum']} too (set momentum=0, or use ClassicMomentumConfig)"
+            )
+        group["iterate_averaging_config"] = value
+        group.setdefault("train_mode", True)
+        return
     if not isinstance(value, ClassicMomentumConfig):
         kind = (
             "an IterateAveragingConfig" if isinstance(value, IterateAveragingConfig) else type(value).__name__
         )
         raise ValueError(
-            f"iterate_averaging_config must be None or lightning_shampoo.ClassicMomentumConfig, got {kind}; "
-            "ours are the momentum, dampening and use_nesterov options"
+            "iterate_averaging_config must be None, ClassicMomentumConfig, GeneralizedPrimalAveragingConfig "
+            f"or ScheduleFreeConfig (from lightning_shampoo), got {kind}; ClassicMomentumConfig's "
+            "counterparts are the momentum, dampening and use_nesterov options"
         )
     group["momentum"] = value.momentum
     group["dampening"] = value.dampening
@@ -140,7 +167,7 @@ def constructor_keys(defaults: dict[str, Any], **given: Any) -> dict[str, Any]:
     a call that also sets the options they map to, to a different value."""
     keys = {k: v for k, v in given.items() if v is not None and v is not False}
     averaging = keys.get("iterate_averaging_config")
-    if averaging is not None:
+    if averaging is not None and type(averaging).__name__ == "ClassicMomentumConfig":
         ours = {k: defaults[k] for k in ("momentum", "dampening", "use_nesterov")}
         if ours != {"momentum": 0.0, "dampening": 0.0, "use_nesterov": False}:
             raise ValueError(

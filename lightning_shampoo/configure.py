@@ -517,12 +517,30 @@ def configure_shampoo(
     if not groups:
         raise ValueError("module has no trainable parameters")
     optimizer = Shampoo(list(groups.values()), **constructor)
+    optimizer.configure_new_groups(
+        _new_group_defaults(preset, layout, lr, weight_decay),
+        names={id(p): name for name, p in module.named_parameters(remove_duplicate=False)},
+    )
+    optimizer.origin = f"configure_shampoo(preconditioner={preset.name!r})"
     if schedule is None:
         return optimizer
     return {
         "optimizer": optimizer,
         "lr_scheduler": _lr_scheduler(module, optimizer, schedule, warmup_steps, total_steps, min_lr_ratio),
     }
+
+
+def _new_group_defaults(preset: Preset, layout: _Layout, lr: float, weight_decay: float) -> dict[str, Any]:
+    """What a group added later (``add_param_group``: a fine-tuning callback unfreezing a
+    backbone) gets for the keys it leaves out: the preset's matrix options, ``lr`` and
+    ``weight_decay``; where the preset grafts, its vectors (biases, norm scales) are left to the
+    Adam grafting alone (``skip_preconditioning_rank_lt=2``), as the preset's own Adam group
+    steps them. One added group stays one group (its LR schedule and the callback's bookkeeping
+    are per group), so its weight decay applies to all its parameters, as torch's does."""
+    defaults = {**layout.preconditioned(preset, main=True), "lr": lr, "weight_decay": weight_decay}
+    if defaults.get("grafting_config") is not None:
+        defaults["skip_preconditioning_rank_lt"] = 2
+    return defaults
 
 
 def _parse_overrides(

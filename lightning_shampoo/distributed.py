@@ -135,6 +135,15 @@ class Distributor:
         self._recv: Tensor | None = None
         self._targets: list[tuple[Tensor, Tensor]] | None = None  # (param region view, recv rows)
 
+    def replan(self, params: Sequence[Tensor], plan: BlockPlan, decayed: set[int]) -> None:
+        """A param group was added: the parameters and the plan grew (existing blocks kept their
+        owners); buffers and cached views are rebuilt at the next step."""
+        self.params = list(params)
+        self.plan = plan
+        self.chunk = plan.chunk
+        self._send = self._recv = None
+        self._targets = None
+
     @property
     def bytes_per_step(self) -> int:
         """Bytes each rank receives from the update all-gather per step."""
@@ -158,9 +167,10 @@ class Distributor:
         assert self._recv is not None
         return self._send, self._recv
 
-    def finish(self, lanes: Sequence[Lane], device: torch.device) -> None:
+    def finish(self, lanes: Sequence[Lane], device: torch.device, assign: bool = False) -> None:
         """All-gather every rank's staged updates (this rank's lanes' direction buffers; rows
-        of buckets without any gradient this step hold zeros) and add them to the parameters."""
+        of buckets without any gradient this step hold zeros) and add them to the parameters
+        (``assign``: write them, the values of the iterate-averaging train ↔ eval swap)."""
         send, recv = self._buffers(device)
         offsets = {b.key: o for b, o in self.plan.segments(self.rank)}
         dsts, srcs = [], []
@@ -172,7 +182,7 @@ class Distributor:
         if dsts:
             torch._foreach_copy_(dsts, srcs)
         _all_gather(recv, send, self.group)
-        self._apply(recv)
+        self._apply(recv, assign)
 
     def _received(self, recv: Tensor) -> list[tuple[Any, Tensor]]:
         """``(member link, its rows of the received updates)`` for every bucket of every rank."""
@@ -188,14 +198,15 @@ class Distributor:
                     out.append((m, m.region.rows_view(recv[start:], 0)))
         return out
 
-    def _apply(self, recv: Tensor) -> None:
+    def _apply(self, recv: Tensor, assign: bool = False) -> None:
         if self._targets is None:
             self._targets = [
                 (m.region.split_view(m.param.processed(self.params[m.param.index])), rows)
                 for m, rows in self._received(recv)
             ]
         if self._targets:
-            torch._foreach_add_([p for p, _ in self._targets], [u for _, u in self._targets])
+            write = torch._foreach_copy_ if assign else torch._foreach_add_
+            write([p for p, _ in self._targets], [u for _, u in self._targets])
 
 
 class FSDPDistributor(Distributor):
@@ -222,6 +233,12 @@ class FSDPDistributor(Distributor):
                 self.replicated[:3],
             )
         self._full_params: dict[int, Tensor] = {}
+
+    def replan(self, params: Sequence[Tensor], plan: BlockPlan, decayed: set[int]) -> None:
+        super().replan(params, plan, decayed)
+        self._needed = {m.param.index for b in plan.local(self.rank) for m in b.members}
+        self._decayed = decayed
+        self.replicated = [i for i, p in enumerate(self.params) if not is_dtensor(p)]
 
     def gradients(self) -> list[Tensor | None]:
         """Collectives, in the same order on every rank: each DTensor gradient's full tensor, and
@@ -256,7 +273,9 @@ class FSDPDistributor(Distributor):
             self._full_params.get(i, p.to_local() if is_dtensor(p) else p) for i, p in enumerate(self.params)
         ]
 
-    def _apply(self, recv: Tensor) -> None:
+    def _apply(self, recv: Tensor, assign: bool = False) -> None:
+        if assign:
+            raise NotImplementedError("iterate averaging's train/eval swap is not available under FSDP")
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         full: dict[int, Tensor] = {}
@@ -304,7 +323,7 @@ def local_state_dict(optimizer: Any) -> dict[str, Any]:
         pidx: {key: value.detach().to("cpu", copy=True) for key, value in entries.items()}
         for pidx, entries in state["state"].items()
     }
-    return {"state": copied, "param_groups": state["param_groups"]}
+    return {**state, "state": copied}
 
 
 def consolidate_state_dict(optimizer: Any, dst: int = 0) -> dict[str, Any]:
@@ -329,7 +348,7 @@ def consolidate_state_dict(optimizer: Any, dst: int = 0) -> dict[str, Any]:
             if target.keys() & entries.keys():
                 raise RuntimeError(f"parameter {pidx}: two ranks hold the same block state")
             target.update(entries)
-    return {"state": state, "param_groups": local["param_groups"]}
+    return {**local, "state": state}
 
 
 def gather_health(optimizer: Any) -> list[BlockHealth]:

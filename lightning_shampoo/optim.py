@@ -13,6 +13,7 @@ amortized. Argument names, defaults and semantics follow Meta's Distributed Sham
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _checkpoint, _stages, compat
+from . import _averaging_stage, _checkpoint, _foreign, _groups, _stages, compat
 from ._checks import clamp_epsilon_scale
 from ._lane_step import LaneStepper
 from ._refresh import RefreshSchedule, refresh_lane, refresh_pending
@@ -35,6 +36,8 @@ from .plan import BlockPlan, Bucket, CostModel, GroupBlocks, build_plan
 from .preconditioners import RootInvShampooPreconditionerConfig
 
 __all__ = ["FALLBACK_MODES", "Shampoo"]
+
+log = logging.getLogger(__name__)
 
 #: Per-block fallback modes: what a block uses instead of its preconditioner.
 FALLBACK_MODES = {name: code for name, code in FALLBACK_CODES.items()}
@@ -80,6 +83,10 @@ class Shampoo(torch.optim.Optimizer):
     Distributed Shampoo's newer names (``weight_decay_type``, ``iterate_averaging_config``,
     ``use_pin_memory``, ``distributed_config``) are translated into ours or refused, per group
     (``lightning_shampoo.compat``).
+    ``iterate_averaging_config``: ``GeneralizedPrimalAveragingConfig`` or ``ScheduleFreeConfig``
+    keep the base iterates ``z`` per block and hold the gradient point ``y`` in the parameters;
+    ``eval()`` puts the averaged ``x`` there (evaluation, checkpoints) and ``train()`` puts
+    ``y`` back bitwise (``ShampooCallback`` calls them from Lightning's hooks).
     """
 
     def __init__(
@@ -134,6 +141,15 @@ class Shampoo(torch.optim.Optimizer):
         self._missed: set[str] = set()
         self.refresh_seconds: dict[int, float] = {}  # wall time of each group's last refresh
         self.skipped_updates: dict[int, int] = {}  # steps whose lr was not a finite number >= 0
+        #: Who built this optimizer (``ShampooCallback``, ``configure_shampoo``): saved with its
+        #: checkpoints, so that loading one into a differently built optimizer says so.
+        self.origin: str | None = None
+        #: Set when ``load_state_dict`` took another optimizer's state (``_foreign``): what it did.
+        self.resume_note: str | None = None
+        self._translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self._lookup: Mapping[int, str] = {}
+        self._held: list[dict[str, Any]] = []  # the group dicts the plan was built from
+        self._held_list: list[Any] | None = None  # the param_groups list they were read from
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, tuple | list) else betas,
@@ -172,13 +188,27 @@ class Shampoo(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- set-up
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, named or not whatever the existing groups are (names are
+        made up from ``configure_new_groups``' lookup); missing keys come from ``defaults`` (the
+        builder's, see ``configure_new_groups``). The plan is extended: existing blocks keep their
+        bucket, owner and state."""
+        self._sync_groups()
+        if self._translate is not None and isinstance(param_group, Mapping):
+            param_group = self._translate(dict(param_group))
         param_group = validate_params(param_group, self.defaults, self._params, self._names)
+        named = None if not self.param_groups else "param_names" in self.param_groups[0]
+        names = _groups.name_params(param_group, self._lookup, len(self._params), named)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
             validate_group(group)
-            self._groups.append(self._group_blocks(len(self.param_groups) - 1, group))
+            self._groups.append(self._group_blocks(len(self.param_groups) - 1, group, names))
             self._set_plan(self.build_plan(world_size=self._world_size(), owners=self._owners()), self._rank)
+            if self._distributor is not None:
+                from .distributed import check_same_plan
+
+                check_same_plan(self.plan, self._distributor.group)
+                self._distributor.replan(self._params, self.plan, self._decayed())
         except Exception:
             self.param_groups.pop()
             del self._params[len(self._params) - len(group["params"]) :]
@@ -186,16 +216,54 @@ class Shampoo(torch.optim.Optimizer):
             if len(self._groups) > len(self.param_groups):
                 self._groups.pop()
             raise
+        self._held.append(group)
+        self._held_list = self.param_groups
 
-    def _group_blocks(self, g: int, group: dict[str, Any]) -> GroupBlocks:
-        names = group.get("param_names") or [None] * len(group["params"])
+    def configure_new_groups(
+        self,
+        defaults: Mapping[str, Any] | None = None,
+        translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        names: Mapping[int, str] | None = None,
+    ) -> None:
+        """How groups added later (``add_param_group``; fine-tuning callbacks) are completed:
+        missing keys from ``defaults`` (as torch fills them from the constructor's — here the
+        builder's, so a new group is set up like its siblings), a group first passed through
+        ``translate`` (the drop-in: a group in the wrapped optimizer's terms), and unnamed
+        parameters named from ``names`` (``id(param) -> name``)."""
+        if defaults is not None:
+            unknown = set(defaults) - set(self.defaults) - set(compat.DS_ONLY_KEYS)
+            if unknown:
+                raise ValueError(f"defaults: unknown Shampoo keys {sorted(unknown)}")
+            self.defaults.update(defaults)
+        self._translate = translate
+        if names is not None:
+            self._lookup = dict(names)
+
+    def _sync_groups(self) -> None:
+        """Follow an assigned or appended ``param_groups`` list (host checks; ``_groups``)."""
+        groups = self.param_groups
+        if groups is self._held_list and len(groups) == len(self._held):
+            return
+        added = _groups.reconcile(groups, self._held, list(self.defaults))
+        for group in groups:
+            validate_group(group)
+        self._held = list(groups)
+        self._held_list = groups
+        self._workspace = None
+        for group in added:
+            self.add_param_group(group)
+
+    def _decayed(self) -> set[int]:
+        return {i for g in self.param_groups if g["weight_decay"] != 0.0 for i in self._indices(g)}
+
+    def _group_blocks(self, g: int, group: dict[str, Any], names: list[str]) -> GroupBlocks:
         target = group["target_parameter_dimensionality"]
         config = group["preconditioner_config"]
         layouts, dtypes, devices = [], [], []
         for p, name in zip(group["params"], names):
             index = len(self._params)
             self._params.append(p)
-            self._names.append(name or f"param{index}")
+            self._names.append(name)
             if p.numel() == 0:
                 continue
             layouts.append(
@@ -302,6 +370,7 @@ class Shampoo(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step; ``closure`` (as Lightning passes) runs under ``enable_grad``."""
         loss = None
+        self._sync_groups()
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -338,6 +407,12 @@ class Shampoo(torch.optim.Optimizer):
                     stacklevel=3,
                 )
             lr = 0.0
+        averaging = group.get("iterate_averaging_config")
+        if averaging is not None and not group.get("train_mode", True):
+            raise RuntimeError(
+                f"param group {g}: step() while the parameters hold the averaged weights "
+                "(optimizer.eval()); call optimizer.train() before training"
+            )
         return _stages.GroupStep(
             step=step,
             lr=lr,
@@ -348,6 +423,7 @@ class Shampoo(torch.optim.Optimizer):
             dampening=group["dampening"],
             nesterov=group["use_nesterov"],
             torch_momentum=group["use_torch_momentum"],
+            averaging=averaging,
         )
 
     def _step_lane(
@@ -400,6 +476,39 @@ class Shampoo(torch.optim.Optimizer):
     def compiled_steps(self) -> int:
         """Lane steps run by a compiled graph so far (refreshes and warm-up steps are eager)."""
         return self._stepper.compiled_steps
+
+    # ---------------------------------------------------------------------- iterate averaging
+
+    @property
+    def averaging(self) -> bool:
+        """Whether any param group runs iterate averaging (GPA or Schedule-Free)."""
+        return any(g.get("iterate_averaging_config") is not None for g in self.param_groups)
+
+    @property
+    def training(self) -> bool:
+        """False while some averaging group's parameters hold the averaged weights (``eval()``)."""
+        return all(g.get("train_mode", True) for g in self.param_groups)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Averaging groups' parameters ← the averaged weights ``x`` (their train point ``y`` is
+        saved in the state). No-op for groups without averaging or already in eval mode. Under
+        a distributor every rank must call it (one all-gather)."""
+        self._swap(to_eval=True)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Averaging groups' parameters ← the train point ``y`` saved by ``eval()``, bitwise."""
+        self._swap(to_eval=False)
+
+    def _swap(self, to_eval: bool) -> None:
+        if all(g.get("train_mode", True) != to_eval for g in self.param_groups if "train_mode" in g):
+            return  # nothing to move (a host check: the Lightning hooks call this every batch)
+        ws = self._ensure_workspace()
+        params = self._distributor.parameters() if self._distributor is not None else self._params
+        _averaging_stage.swap(
+            ws.lanes, self.param_groups, params, params is self._params, self._distributor, to_eval
+        )
 
     # --------------------------------------------------------------------- block-level controls
 
@@ -499,29 +608,53 @@ class Shampoo(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Keyed by (parameter, block), independent of bucketing and of ranks; tensors and plain
-        values only, so ``torch.load(..., weights_only=True)`` reads it."""
+        values only, so ``torch.load(..., weights_only=True)`` reads it. ``FORMAT_KEY`` marks it
+        as Shampoo's and names its ``origin``."""
+        self._sync_groups()
         return {
             "state": _checkpoint.state_rows(self.buckets, self.state),  # type: ignore[arg-type]
             "param_groups": _checkpoint.saved_groups(self.param_groups),
+            _foreign.FORMAT_KEY: _foreign.marker(self.origin),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check everything first, then write: a rejected checkpoint leaves the optimizer untouched.
-        A block whose saved statistics are not finite starts them afresh (with a warning)."""
-        saved_id = _checkpoint.check_loadable(state_dict, self.param_groups)
-        self._ensure_workspace()
-        _checkpoint.load_into(
-            state_dict,
-            saved_id,
-            self.buckets,
-            self.state,  # type: ignore[arg-type]
-            self._names,
-            self.param_groups,
-            self._params,
-            partial=self.sharded,
-        )
+        A block whose saved statistics are not finite starts them afresh (with a warning). A
+        ``torch.optim`` optimizer's state (AdamW, Adam, SGD, RMSprop, Adagrad: a project that
+        added ``ShampooCallback`` to resume) is taken where it maps (``_foreign``): the grafting
+        state from its moments, the preconditioner statistics fresh; ``resume_note`` says so."""
+        self._sync_groups()
+        fresh = _foreign.is_foreign(state_dict)
+        if fresh:
+            converted = _foreign.convert(state_dict, self.param_groups, self.plan)
+            state_dict = converted.state_dict
+        try:
+            saved_id = _checkpoint.check_loadable(state_dict, self.param_groups)
+            if fresh:
+                self.state.clear()  # what the foreign state does not give starts from its initial value
+                self._workspace = None
+            self._ensure_workspace()
+            _checkpoint.load_into(
+                state_dict,
+                saved_id,
+                self.buckets,
+                self.state,  # type: ignore[arg-type]
+                self._names,
+                self.param_groups,
+                self._params,
+                partial=self.sharded,
+                fresh=fresh,
+            )
+        except ValueError as error:
+            hint = _foreign.origin_hint(state_dict, self.origin)
+            if hint:
+                raise ValueError(f"{error}{hint}") from error
+            raise
         self._workspace = None  # group values may have changed the workspace's constants
         self._sync_host_flags()
+        if fresh:
+            self.resume_note = converted.note
+            log.info(converted.note)
 
     # ---------------------------------------------------------------------------- distribution
 
@@ -557,13 +690,17 @@ class Shampoo(torch.optim.Optimizer):
                 return self._distributor
             raise RuntimeError("the optimizer is already sharded over another process group")
         fsdp = any(is_dtensor(p) for p in self._params)
+        if fsdp and self.averaging:
+            raise ValueError(
+                "iterate_averaging_config (GPA / Schedule-Free) is not supported with FSDP parameters yet; "
+                "use strategy='shampoo_ddp' or ClassicMomentumConfig"
+            )
         world_size = dist.get_world_size(group)
         if world_size == 1 and not fsdp:
             return None
         plan = self.build_plan(world_size=world_size, cost_model=cost_model)
         check_same_plan(plan, group)
-        decayed = {i for g in self.param_groups if g["weight_decay"] != 0.0 for i in self._indices(g)}
-        distributor = make_distributor(self._params, plan, group, communication_dtype, decayed)
+        distributor = make_distributor(self._params, plan, group, communication_dtype, self._decayed())
         self.use_plan(plan, dist.get_rank(group))
         self._distributor = distributor
         self._workspace = None

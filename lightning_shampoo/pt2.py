@@ -28,8 +28,8 @@ class ShampooPT2CompileConfig:
     (the default) makes a graph break an error instead of a silent slow path. ``dynamic=False``:
     the step's shapes never change, so nothing is traced symbolically. Refreshes run eagerly
     between two graphs (the stages before and after them); steps with a missing gradient,
-    sharded optimizers (``shard()``, the Shampoo strategies) and PSGD-Kron's buckets (their fit
-    is decided on the host each step) run eagerly; see ``docs/architecture.md``.
+    sharded optimizers (``shard()``, the Shampoo strategies), iterate averaging and PSGD-Kron's
+    buckets (their fit is decided on the host each step) run eagerly; see ``docs/architecture.md``.
     """
 
     backend: str | Callable[..., Any] = "inductor"

@@ -27,6 +27,7 @@ from lightning_shampoo import (
     EigenvalueCorrectedShampooPreconditionerConfig,
     PSGDKronPreconditionerConfig,
     RootInvShampooPreconditionerConfig,
+    ScheduleFreeConfig,
     Shampoo,
     ShampooCallback,
     ShampooPT2CompileConfig,
@@ -209,6 +210,18 @@ def test_psgd_kron_runs_eagerly() -> None:
     kron = PSGDKronPreconditionerConfig()
     compiled = _run(_shampoo(config, preconditioner_config=kron, grafting_config=None))
     eager = _run(_shampoo(None, preconditioner_config=kron, grafting_config=None))
+    _assert_same(compiled, eager)
+    assert compiled[1].compiled_steps == 0 and counter.frame_count == 0
+
+
+def test_iterate_averaging_runs_eagerly() -> None:
+    """Schedule-Free's and GPA's coefficients are host values of each step: their lanes stay
+    eager (and equal to the optimizer without the config)."""
+    counter = CompileCounterWithBackend("eager")
+    config = ShampooPT2CompileConfig(backend=counter)
+    options = dict(momentum=0.0, iterate_averaging_config=ScheduleFreeConfig())
+    compiled = _run(_shampoo(config, **options))
+    eager = _run(_shampoo(None, **options))
     _assert_same(compiled, eager)
     assert compiled[1].compiled_steps == 0 and counter.frame_count == 0
 

@@ -17,6 +17,7 @@ from torch import nn
 from lightning_shampoo import (
     PreconditionerConfig,
     RootInvShampooPreconditionerConfig,
+    ScheduleFreeConfig,
     Shampoo,
     ShampooCallback,
     configure_shampoo,
@@ -186,6 +187,43 @@ def test_callback_trains_on_gpu(tmp_path: Path) -> None:
     assert finite_params(module)
     assert any(r.last_refresh_step > 0 for r in opt.health())
     assert devices.devices == {"cuda"}
+
+
+def test_schedule_free_on_cuda_matches_cpu_without_syncs() -> None:
+    """Iterate averaging on the GPU: the same trajectory as the CPU in float64 (a tensor lr,
+    weight decay), no host sync on plain steps, and eval()/train() round-tripping bitwise."""
+
+    def run(device: str, lr: float | torch.Tensor, check_syncs: bool = False) -> tuple[_Params, Shampoo]:
+        model = _Params(torch.float64, device)
+        opt = configure_shampoo(
+            model,
+            "shampoo",
+            lr=lr,
+            weight_decay=0.01,
+            precondition_frequency=FREQUENCY,
+            iterate_averaging_config=ScheduleFreeConfig(),
+        )
+        assert isinstance(opt, Shampoo)
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, STEPS + 1):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(device) + 0.1 * p.detach()
+            if check_syncs and step > FREQUENCY and step % FREQUENCY:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return model, opt
+
+    reference, _ = run("cpu", 3e-3)
+    ours, opt = run("cuda", torch.tensor(3e-3, dtype=torch.float64, device="cuda"), check_syncs=True)
+    assert _relative(ours, reference) < 1e-9
+    before = [p.detach().clone() for p in ours.parameters()]
+    opt.eval()
+    assert any(not torch.equal(p, b) for p, b in zip(ours.parameters(), before))
+    opt.train()
+    assert all(torch.equal(p, b) for p, b in zip(ours.parameters(), before))
 
 
 def _draws(params: list[nn.Parameter], g: torch.Generator) -> list[torch.Tensor]:

@@ -235,6 +235,24 @@ def test_merged_weights_beside_skipped_vectors_shard_and_match(tmp_path: Path) -
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
 
 
+def test_iterate_averaging_sharded_matches_single_device(tmp_path: Path) -> None:
+    """Schedule-Free with decoupled decay, sharded mid-run: parameters, the averaged weights of
+    ``eval()`` (all-gathered values) and the train point restored by ``train()`` equal the
+    single-process run's bitwise, and so does the consolidated state."""
+    torch.multiprocessing.spawn(shard_worker.worker, args=(free_port(), str(tmp_path), "averaging"), nprocs=2)
+    reference = shard_worker.single("averaging")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for out in ranks:
+        assert out["sharded"]
+        for key in ("params", "eval", "train"):
+            assert all(torch.equal(a, b) for a, b in zip(out[key], reference[key])), key
+        assert all(torch.equal(a, b) for a, b in zip(out["train"], out["params"]))
+    full, expected = ranks[0]["state"], reference["state"]
+    for p, entries in expected["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(full["state"][p][key].nan_to_num(), value.nan_to_num()), (p, key)
+
+
 def test_shard_on_one_rank_is_a_no_op() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -261,7 +279,8 @@ def test_strategies_are_registered() -> None:
 
 
 def _runs(out: Path) -> list[dict[str, Any]]:
-    ckpt = {name: str(out / f"{name}.ckpt") for name in ("half", "fsdp_half", "fsdp_full", "plain_half")}
+    names = ("half", "fsdp_half", "fsdp_full", "plain_half", "averaging_half")
+    ckpt = {name: str(out / f"{name}.ckpt") for name in names}
     return [
         {"name": "shampoo", "strategy": "shampoo_ddp"},  # by registry name, fp32
         {"name": "soap", "strategy": "shampoo_ddp", "preconditioner": "soap"},
@@ -282,6 +301,20 @@ def _runs(out: Path) -> list[dict[str, Any]]:
         {"name": "plain", "strategy": "ddp", "callback": True},
         {"name": "plain_half", "strategy": "ddp", "callback": True, "epochs": 1, "save": ckpt["plain_half"]},
         {"name": "plain_resumed", "strategy": "ddp", "callback": True, "resume": ckpt["plain_half"]},
+        {"name": "averaging", "strategy": "shampoo_ddp", "averaging": True},
+        {
+            "name": "averaging_half",
+            "strategy": "shampoo_ddp",
+            "averaging": True,
+            "epochs": 1,
+            "save": ckpt["averaging_half"],
+        },
+        {
+            "name": "averaging_resumed",
+            "strategy": "shampoo_ddp",
+            "averaging": True,
+            "resume": ckpt["averaging_half"],
+        },
     ]
 
 
@@ -313,13 +346,16 @@ _REFERENCES: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 def reference(
-    preconditioner: str = "shampoo", *, adamw: bool = False, epsilon: float = 1e-10
+    preconditioner: str = "shampoo", *, adamw: bool = False, epsilon: float = 1e-10, averaging: bool = False
 ) -> dict[str, Any]:
     """The one-process run with the same global batch (two accumulated micro-batches per step)."""
-    key = (preconditioner, adamw, epsilon)
+    key = (preconditioner, adamw, epsilon, averaging)
     if key not in _REFERENCES:
-        module = Net(preconditioner, mode="accumulate", adamw=adamw, epsilon=epsilon)
-        t = trainer(accumulate_grad_batches=2, callbacks=[callback()] if adamw else None)
+        module = Net(preconditioner, mode="accumulate", adamw=adamw, epsilon=epsilon, averaging=averaging)
+        callbacks = [callback()] if adamw else []
+        if averaging:
+            callbacks.append(ls.IterateAveragingSwitch())
+        t = trainer(accumulate_grad_batches=2, callbacks=callbacks or None)
         t.fit(module)
         _REFERENCES[key] = summary(module, t.optimizers[0])
     return _REFERENCES[key]
@@ -377,6 +413,20 @@ def test_shampoo_ddp_checkpoint_resumes_on_two_and_one_ranks(job: Path) -> None:
     module = Net(mode="accumulate")
     trainer(accumulate_grad_batches=2).fit(module, ckpt_path=job / "half.ckpt")
     _assert_bitwise(dict(module.named_parameters()), uninterrupted)
+
+
+def test_iterate_averaging_under_shampoo_ddp(job: Path) -> None:
+    """Schedule-Free with ``IterateAveragingSwitch`` on two ranks: the fitted module (the
+    averaged weights, eval() through the all-gather) equals the one-process run's bitwise; a
+    run resumed from the epoch-1 checkpoint (saved in eval mode) ends there bitwise too."""
+    expected = reference(averaging=True)["params"]
+    for out in _load(job, "averaging"):
+        _assert_bitwise(out["params"], expected)
+    _assert_partition(_load(job, "averaging"))
+    checkpoint = torch.load(job / "averaging_half.ckpt", weights_only=True)
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["train_mode"] is False
+    for out in _load(job, "averaging_resumed"):
+        _assert_bitwise(out["params"], expected)
 
 
 def test_shampoo_fsdp_equals_ddp_and_resumes(job: Path) -> None:

@@ -102,12 +102,16 @@ def test_classic_momentum_config_is_our_momentum_options(nesterov: bool) -> None
 
 
 def test_iterate_averaging_refusals() -> None:
+    """GPA and Schedule-Free are supported (tests/test_iterate_averaging.py); they replace
+    momentum, so both together are refused."""
     for config in (GeneralizedPrimalAveragingConfig(), ScheduleFreeConfig()):
-        with pytest.raises(
-            ValueError, match=f"{type(config).__name__}.*not supported.*ClassicMomentumConfig"
-        ):
-            Shampoo(_model().parameters(), iterate_averaging_config=config)
-    with pytest.raises(ValueError, match=r"iterate_averaging_config must be None or.*momentum"):
+        group = Shampoo(_model().parameters(), iterate_averaging_config=config).param_groups[0]
+        assert group["iterate_averaging_config"] == config and group["train_mode"] is True
+        with pytest.raises(ValueError, match=f"{type(config).__name__}.*replaces momentum"):
+            Shampoo(_model().parameters(), momentum=0.9, iterate_averaging_config=config)
+    with pytest.raises(
+        ValueError, match=r"iterate_averaging_config must be None, ClassicMomentumConfig.*momentum"
+    ):
         Shampoo(_model().parameters(), iterate_averaging_config=object())
     with pytest.raises(ValueError, match="both set momentum"):
         Shampoo(_model().parameters(), momentum=0.9, iterate_averaging_config=ClassicMomentumConfig())

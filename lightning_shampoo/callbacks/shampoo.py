@@ -6,7 +6,9 @@ from exactly that optimizer — before ``start_preconditioning_step`` it *is* th
 group by param group — and the LR schedulers returned with it are re-pointed at the replacement
 with their state intact. A module without ``configure_optimizers`` gets ``configure_shampoo``'s
 defaults. The callback also adds ``PreconditionFrequencyScheduler``, ``SGDFallback`` and
-``PreconditionerHealthMonitor`` to the trainer (each replaceable or switchable off).
+``PreconditionerHealthMonitor`` to the trainer (each replaceable or switchable off), and runs an
+``IterateAveragingSwitch`` from its own hooks (evaluation and checkpoints see iterate averaging's
+averaged weights).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ..preconditioners import (
     SpectralDescentPreconditionerConfig,
 )
 from ..schedules import FrequencyScheduleSpec, LogFrequency
+from .averaging import IterateAveragingSwitch
 from .fallback import SGDFallback
 from .frequency import PreconditionFrequencyScheduler
 from .health import PreconditionerHealthMonitor
@@ -60,7 +63,8 @@ _FACTORED = (
     EigenvalueCorrectedShampooPreconditionerConfig,
 )
 
-# Group keys the wrapped optimizer decides (the translation sets them from its param groups).
+# Group keys the wrapped optimizer decides (the translation sets them from its param groups);
+# ``iterate_averaging_config`` too when it is ClassicMomentumConfig (GPA / Schedule-Free are ours).
 _FROM_SOURCE = (
     "lr",
     "betas",
@@ -73,7 +77,6 @@ _FROM_SOURCE = (
     "use_bias_correction",
     "use_torch_momentum",
     "weight_decay_type",
-    "iterate_averaging_config",
 )
 
 
@@ -106,6 +109,11 @@ class ShampooCallback(pl.Callback):
             to every Shampoo), an instance, or ``False``/``None``.
         health_monitor: ``True`` (``PreconditionerHealthMonitor()``), an instance, or off.
         fallback: ``True`` (``SGDFallback()``), an instance, or off.
+        averaging_switch: ``True`` (an ``IterateAveragingSwitch()`` that this callback's hooks run:
+            with ``iterate_averaging_config=ScheduleFreeConfig()`` /
+            ``GeneralizedPrimalAveragingConfig()`` in ``shampoo_kwargs``, validation, test,
+            prediction and checkpoints see the averaged weights), an instance, or off. It does
+            nothing for optimizers that do not average; a trainer's own switch is used instead.
         shampoo_kwargs: further Shampoo options for every group (``beta3``, ``use_bucketing``,
             ``refresh_tolerance``, …); the ones the wrapped optimizer decides (lr, betas, weight
             decay, momentum, grafting) are refused. ``skip_preconditioning_rank_lt`` defaults to
@@ -125,6 +133,7 @@ class ShampooCallback(pl.Callback):
         frequency_scheduler: PreconditionFrequencyScheduler | FrequencyScheduleSpec | bool | None = True,
         health_monitor: PreconditionerHealthMonitor | bool | None = True,
         fallback: SGDFallback | bool | None = True,
+        averaging_switch: IterateAveragingSwitch | bool | None = True,
         **shampoo_kwargs: Any,
     ) -> None:
         self.preset: Preset = resolve_preset(preconditioner)
@@ -137,7 +146,8 @@ class ShampooCallback(pl.Callback):
                 "in configure_optimizers instead"
             )
         for key in shampoo_kwargs:
-            if key in _FROM_SOURCE:
+            averaging = shampoo_kwargs[key] if key == "iterate_averaging_config" else None
+            if key in _FROM_SOURCE or type(averaging).__name__ == "ClassicMomentumConfig":
                 raise ValueError(f"{key} comes from the wrapped optimizer; set it there")
             if (key not in GROUP_KEYS and key not in _CONSTRUCTOR_ONLY) or key == "preconditioner_config":
                 raise ValueError(f"unknown argument {key!r} (not a ShampooCallback or Shampoo argument)")
@@ -171,6 +181,7 @@ class ShampooCallback(pl.Callback):
         self.frequency_scheduler = self._make_frequency_scheduler(frequency_scheduler)
         self.health_monitor = _component("health_monitor", health_monitor, PreconditionerHealthMonitor)
         self.fallback = _component("fallback", fallback, SGDFallback)
+        self.averaging_switch = _component("averaging_switch", averaging_switch, IterateAveragingSwitch)
         self._installed: tuple[pl.LightningModule, Any] | None = None
         self._log: Any = None
 
@@ -244,15 +255,64 @@ class ShampooCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._distributed_hand_off(trainer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say what a resume from another optimizer's checkpoint took (the restore ran by now);
+        averaging optimizers go to their train point."""
+        for optimizer in self.optimizers:
+            if optimizer.resume_note:
+                rank_zero_info(optimizer.resume_note)
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_train_start(trainer, pl_module)
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Under plain ``"ddp"`` Lightning saves rank 0's own ``optimizer.state_dict()``, which for
         a sharded Shampoo holds rank 0's blocks only: gather every block into it (a collective;
-        this hook runs on every rank)."""
+        this hook runs on every rank). Averaging optimizers are saved in eval mode (the switch)."""
         from ..strategies.ddp import consolidate_checkpoint
 
-        consolidate_checkpoint(trainer, checkpoint)
+        switch = self._switch(trainer)
+        if switch is None or not switch.on_save_checkpoint(trainer, pl_module, checkpoint):
+            consolidate_checkpoint(trainer, checkpoint)
+        # An entry under this callback's key, so that resuming the checkpoint without it makes
+        # Lightning name ShampooCallback among the callbacks the checkpoint was created with.
+        # Written here rather than by a ``state_dict`` method: that would make the callback
+        # "stateful" and Lightning would refuse a second instance before ``setup`` can explain.
+        origins = [optimizer.origin for optimizer in self.optimizers]
+        checkpoint.setdefault("callbacks", {})[self.state_key] = {"translated": origins}
+
+    # Iterate averaging: the switch's hooks, run from here (see ``IterateAveragingSwitch``).
+
+    def _switch(self, trainer: pl.Trainer) -> IterateAveragingSwitch | None:
+        own = any(isinstance(c, IterateAveragingSwitch) for c in trainer.callbacks)  # type: ignore[attr-defined]
+        return None if own else self.averaging_switch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_train_end(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_validation_start(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_test_start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (switch := self._switch(trainer)) is not None:
+            switch.on_predict_start(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()

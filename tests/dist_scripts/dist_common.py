@@ -65,15 +65,22 @@ def accumulation_order() -> list[int]:
 class Net(pl.LightningModule):
     """``mode``: ``"ddp"`` (each rank its half), ``"accumulate"`` (one process, two micro-batches
     per step) or ``"full"`` (one process, the global batch at once). ``adamw``: return AdamW
-    (for ``ShampooCallback`` to translate) instead of Shampoo. ``epsilon``: Shampoo's damping;
+    (for ``ShampooCallback`` to translate) instead of Shampoo. ``averaging``: Schedule-Free instead
+    of momentum (run with ``IterateAveragingSwitch``). ``epsilon``: Shampoo's damping;
     the default 1e-10 leaves these small rank-deficient factors ill-conditioned, which turns any
     difference (a rounding) into a large one within a few steps — a sharp test of equality."""
 
     def __init__(
-        self, preconditioner: str = "shampoo", mode: str = "ddp", adamw: bool = False, epsilon: float = 1e-10
+        self,
+        preconditioner: str = "shampoo",
+        mode: str = "ddp",
+        adamw: bool = False,
+        epsilon: float = 1e-10,
+        averaging: bool = False,
     ) -> None:
         super().__init__()
         self.preconditioner, self.mode, self.adamw, self.epsilon = preconditioner, mode, adamw, epsilon
+        self.averaging = averaging  # Schedule-Free instead of momentum (with IterateAveragingSwitch)
         torch.manual_seed(0)
         self.a = nn.Linear(6, 12)
         self.b = nn.Linear(12, 8)
@@ -108,7 +115,8 @@ class Net(pl.LightningModule):
             betas=(0.9, 0.999),
             epsilon=self.epsilon,
             weight_decay=1e-3,
-            momentum=0.5,
+            momentum=0.0 if self.averaging else 0.5,
+            iterate_averaging_config=ls.ScheduleFreeConfig() if self.averaging else None,
             max_preconditioner_dim=4,
             precondition_frequency=2,
             start_preconditioning_step=2,

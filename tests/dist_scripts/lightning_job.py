@@ -3,7 +3,7 @@ JSON spec one after another (the processes and their group are reused) and write
 summary. Lightning's default launcher re-runs this script for the other ranks.
 
 Spec: ``{"devices": 2, "runs": [{"name", "strategy", "preconditioner", "epochs", "steps",
-"communication_dtype", "epsilon", "full_checkpoint", "save", "resume", "callback"}, ...],
+"communication_dtype", "epsilon", "full_checkpoint", "save", "resume", "callback", "averaging"}, ...],
 "out": DIR}``.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from dist_common import Net, callback, save_summary, trainer
 
-from lightning_shampoo import ShampooDDPStrategy, ShampooFSDPStrategy
+from lightning_shampoo import IterateAveragingSwitch, ShampooDDPStrategy, ShampooFSDPStrategy
 
 
 def strategy(run: dict[str, Any]) -> Any:
@@ -40,13 +40,17 @@ def main(spec_path: str) -> None:
             run.get("preconditioner", "shampoo"),
             adamw=bool(run.get("callback")),
             epsilon=run.get("epsilon", 1e-10),
+            averaging=bool(run.get("averaging")),
         )
+        callbacks = [callback()] if run.get("callback") else []
+        if run.get("averaging"):
+            callbacks.append(IterateAveragingSwitch())
         t = trainer(
             strategy(run),
             devices=spec["devices"],
             epochs=run.get("epochs", 2),
             steps=run.get("steps", -1),
-            callbacks=[callback()] if run.get("callback") else None,
+            callbacks=callbacks or None,
         )
         t.fit(module, ckpt_path=run.get("resume"))
         if run.get("save"):

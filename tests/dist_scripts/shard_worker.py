@@ -46,6 +46,18 @@ def model(kind: str = "mlp") -> nn.Module:
 
 
 def optimizer(module: nn.Module, kind: str = "mlp") -> ls.Shampoo:
+    if kind == "averaging":  # Schedule-Free with decoupled decay (it shrinks z on the owner)
+        return ls.Shampoo(
+            module.parameters(),
+            lr=0.02,
+            betas=(0.0, 0.999),
+            epsilon=1e-10,
+            weight_decay=1e-2,
+            max_preconditioner_dim=4,
+            precondition_frequency=2,
+            grafting_config=ls.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
+            iterate_averaging_config=ls.ScheduleFreeConfig(train_interp_coeff=0.9),
+        )
     if kind == "collision":
         return ls.Shampoo(
             module.parameters(),
@@ -78,11 +90,21 @@ def train(module: nn.Module, opt: ls.Shampoo, steps: range, kind: str = "mlp") -
         opt.step()
 
 
+def _params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
 def single(kind: str = "mlp") -> dict[str, Any]:
     module = model(kind)
     opt = optimizer(module, kind)
     train(module, opt, range(STEPS), kind)
-    return {"params": [p.detach().clone() for p in module.parameters()], "state": opt.state_dict()}
+    out = {"params": _params(module), "state": opt.state_dict()}
+    if kind == "averaging":
+        opt.eval()
+        out["eval"] = _params(module)
+        opt.train()
+        out["train"] = _params(module)
+    return out
 
 
 def worker(rank: int, port: int, out: str, kind: str = "mlp") -> None:
@@ -96,6 +118,12 @@ def worker(rank: int, port: int, out: str, kind: str = "mlp") -> None:
         distributor = opt.shard()
         again = opt.shard()  # a second call returns the same distributor
         train(module, opt, range(shard_at, STEPS), kind)
+        swapped = {}
+        if kind == "averaging":  # through the distributor's all-gather, on every rank
+            opt.eval()
+            swapped["eval"] = _params(module)
+            opt.train()
+            swapped["train"] = _params(module)
         torch.save(
             {
                 "params": [p.detach().clone() for p in module.parameters()],
@@ -105,6 +133,7 @@ def worker(rank: int, port: int, out: str, kind: str = "mlp") -> None:
                 "sharded": opt.sharded,
                 "same_distributor": distributor is again,
                 "blocks": opt.block_keys(),
+                **swapped,
             },
             Path(out) / f"rank{rank}.pt",
         )
