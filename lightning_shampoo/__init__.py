@@ -34,6 +34,7 @@ from .preconditioners import (
     SpectralDescentPreconditionerConfig,
     SVDOrthogonalizationConfig,
 )
+from .pt2 import ShampooPT2CompileConfig
 from .strategies import ShampooDDPStrategy, ShampooFSDPStrategy
 
 register_safe_globals()  # callbacks that save param groups whole stay weights_only-loadable
@@ -70,6 +71,7 @@ __all__ = [
     "ShampooCallback",
     "ShampooDDPStrategy",
     "ShampooFSDPStrategy",
+    "ShampooPT2CompileConfig",
     "SignDescentPreconditionerConfig",
     "SpectralDescentPreconditionerConfig",
     "WeightDecayType",

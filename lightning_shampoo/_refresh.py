@@ -33,6 +33,7 @@ __all__ = [
     "is_refresh_step",
     "refresh_bucket",
     "refresh_lane",
+    "refresh_pending",
 ]
 
 _SCRAMBLE = 2654435761  # Knuth's multiplicative hash: decorrelates phases from rank ownership
@@ -210,6 +211,27 @@ def refresh_lane(
             missed.discard(key)
         elif due:
             missed.add(key)
+
+
+def refresh_pending(
+    lane: Lane,
+    groups: Sequence[Mapping[str, Any]],
+    steps: Sequence[Any],
+    requests: set[str],
+    missed: set[str],
+    schedule: RefreshSchedule,
+) -> bool:
+    """Whether ``refresh_lane`` would refresh any bucket of ``lane`` this step (host values only):
+    a step that does is not a plain step."""
+    for slot in lane.slots:
+        key, g = slot.bucket.key, slot.bucket.group
+        if slot.kernel.amortized and (
+            key in requests
+            or key in missed
+            or schedule.rows(slot.bucket, groups[g], steps[g].step, lane.device) is not False
+        ):
+            return True
+    return False
 
 
 def _expand(values: Tensor, rows: Tensor, n: int) -> Tensor:

@@ -30,6 +30,7 @@ from torch import Tensor
 from ._checks import describe, require_bool, require_float, require_int, require_pair
 from .compat import DS_ONLY_KEYS, translate_group
 from .preconditioners import GRAFTING_CONFIGS, PreconditionerConfig, PSGDKronPreconditionerConfig
+from .pt2 import as_compile_config
 
 __all__ = [
     "CONSTRUCTOR_ONLY",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 #: ``Shampoo`` arguments that configure the optimizer as a whole, not a param group.
-CONSTRUCTOR_ONLY = ("use_bucketing", "max_bucket_numel")
+CONSTRUCTOR_ONLY = ("use_bucketing", "max_bucket_numel", "shampoo_pt2_compile_config")
 
 #: Keys that schedulers and Lightning write into param groups (never near-misses, whatever they
 #: resemble: ``max_momentum`` is OneCycleLR's, not a misspelt ``momentum``).
@@ -134,10 +135,13 @@ def check_group_values(group: Mapping[str, Any], where: str = "") -> None:
             check(f"{where}{key}", group[key])
 
 
-def validate_constructor_options(use_bucketing: Any, max_bucket_numel: Any) -> None:
-    """The :data:`CONSTRUCTOR_ONLY` arguments of ``Shampoo``."""
+def validate_constructor_options(
+    use_bucketing: Any, max_bucket_numel: Any, shampoo_pt2_compile_config: Any = None
+) -> Any:
+    """The :data:`CONSTRUCTOR_ONLY` arguments of ``Shampoo``; returns the compile config as ours."""
     require_bool("use_bucketing", use_bucketing)
     require_int("max_bucket_numel", max_bucket_numel, low=1, allow_none=True)
+    return as_compile_config(shampoo_pt2_compile_config)
 
 
 def _pseudo_inverse(config: Any) -> bool:

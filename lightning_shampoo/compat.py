@@ -15,7 +15,8 @@ that gives both with different values). See ``docs/migrating-from-distributed-sh
                                Shampoo's converted by field), with ``train_mode``; refused with
                                momentum > 0 (averaging replaces it)
 ``use_pin_memory``             accepted, no effect (our step reads ``lr`` without a copy)
-``shampoo_pt2_compile_config`` accepted, no effect yet
+``shampoo_pt2_compile_config`` the constructor's (``pt2.ShampooPT2CompileConfig``; Distributed
+                               Shampoo's is read by its field names); refused in a param group
 ``distributed_config``         refused: ``Shampoo.shard()`` or the Lightning strategies
 =============================  ================================================================
 """
@@ -150,7 +151,11 @@ def translate_group(group: dict[str, Any]) -> None:
     pin = group.pop("use_pin_memory", False)
     if not isinstance(pin, bool):
         raise ValueError(f"use_pin_memory must be a bool, got {pin!r}")
-    group.pop("shampoo_pt2_compile_config", None)
+    if group.pop("shampoo_pt2_compile_config", None) is not None:
+        raise ValueError(
+            "shampoo_pt2_compile_config applies to the whole optimizer, not to a param group: "
+            "Shampoo(params, shampoo_pt2_compile_config=ShampooPT2CompileConfig(...))"
+        )
     group.pop("distributed_config", None)
     group.pop("peak_lr", None)
 

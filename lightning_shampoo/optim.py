@@ -26,9 +26,10 @@ from torch import Tensor
 
 from . import _averaging_stage, _checkpoint, _foreign, _groups, _stages, compat
 from ._checks import clamp_epsilon_scale
-from ._refresh import RefreshSchedule, refresh_lane
+from ._lane_step import LaneStepper
+from ._refresh import RefreshSchedule, refresh_lane, refresh_pending
 from ._validation import check_grad, validate_constructor_options, validate_group, validate_params
-from ._workspace import Lane, Workspace, param_view
+from ._workspace import Lane, Workspace
 from .blocking import layout_param
 from .health import FALLBACK_CODES, BlockHealth, collect_health, factor_spectra
 from .plan import BlockPlan, Bucket, CostModel, GroupBlocks, build_plan
@@ -71,14 +72,17 @@ class Shampoo(torch.optim.Optimizer):
     than this many remain (``math.inf``: never merged); 2 keeps a matrix a matrix.
     ``use_torch_momentum``: momentum and dampening as ``torch.optim.SGD`` (the first step
     undamped) instead of Distributed Shampoo's zero-started buffer; they agree without dampening.
+    ``shampoo_pt2_compile_config`` (a ``ShampooPT2CompileConfig``, as Distributed Shampoo's):
+    plain steps run as one ``torch.compile``d graph per lane, refresh steps as two around the
+    eager refresh (``pt2``, ``_lane_step``).
     ``refresh_stagger``: spread the refreshes over the ``precondition_frequency`` interval —
     block ``b`` refreshes on the steps ``≡ φ_b (mod frequency)`` after ``start_preconditioning_step``
     (where every block refreshes), phases balanced by refresh cost (``_refresh.block_phases``) —
     so no step pays for every block's refresh; the same number of refreshes. Off (Distributed
     Shampoo's schedule) by default; ``configure_shampoo``'s presets and ``ShampooCallback`` set it.
     Distributed Shampoo's newer names (``weight_decay_type``, ``iterate_averaging_config``,
-    ``use_pin_memory``, ``shampoo_pt2_compile_config``, ``distributed_config``) are translated
-    into ours or refused, per group (``lightning_shampoo.compat``).
+    ``use_pin_memory``, ``distributed_config``) are translated into ours or refused, per group
+    (``lightning_shampoo.compat``).
     ``iterate_averaging_config``: ``GeneralizedPrimalAveragingConfig`` or ``ScheduleFreeConfig``
     keep the base iterates ``z`` per block and hold the gradient point ``y`` in the parameters;
     ``eval()`` puts the averaged ``x`` there (evaluation, checkpoints) and ``train()`` puts
@@ -117,7 +121,10 @@ class Shampoo(torch.optim.Optimizer):
         shampoo_pt2_compile_config: Any = None,
         distributed_config: Any = None,
     ) -> None:
-        validate_constructor_options(use_bucketing, max_bucket_numel)
+        compile_config = validate_constructor_options(
+            use_bucketing, max_bucket_numel, shampoo_pt2_compile_config
+        )
+        self._stepper = LaneStepper(compile_config)
         self._params: list[Tensor] = []
         self._names: list[str] = []
         self._groups: list[GroupBlocks] = []
@@ -173,7 +180,6 @@ class Shampoo(torch.optim.Optimizer):
                 weight_decay_type=weight_decay_type,
                 iterate_averaging_config=iterate_averaging_config,
                 use_pin_memory=use_pin_memory,
-                shampoo_pt2_compile_config=shampoo_pt2_compile_config,
                 distributed_config=distributed_config,
             )
         )
@@ -428,38 +434,48 @@ class Shampoo(torch.optim.Optimizer):
         steps: list[_stages.GroupStep],
         seconds: dict[int, float],
     ) -> None:
-        persistent = params is self._params
-
-        def views(link: Any) -> Tensor:
-            return param_view(lane, link, params, persistent)
-
-        present, all_present = _stages.gather(lane, grads)
-        _stages.l2_decay(lane, steps, views)
-        _stages.guard(lane, present, all_present)
-        _stages.ema_table(lane)
         for slot in lane.slots:
             slot.ctx.step = slot.graft_ctx.step = steps[slot.bucket.group].step
-        _stages.statistics(lane)
-        refresh_lane(
+
+        def refresh(present: torch.Tensor, all_present: bool) -> None:
+            refresh_lane(
+                lane,
+                self.param_groups,
+                steps,
+                present,
+                all_present,
+                self._requests,
+                self._missed,
+                seconds,
+                self._schedule,
+            )
+
+        def pending() -> bool:
+            return refresh_pending(
+                lane, self.param_groups, steps, self._requests, self._missed, self._schedule
+            )
+
+        self._stepper.run(
             lane,
-            self.param_groups,
+            grads,
+            params,
             steps,
-            present,
-            all_present,
-            self._requests,
-            self._missed,
-            seconds,
-            self._schedule,
+            frozenset(self._fallback),
+            params is self._params,
+            self._distributor is None,
+            refresh,
+            pending,
         )
-        _stages.after_refresh(lane)
-        _stages.filter_moments(lane)
-        _stages.direction(lane, steps, frozenset(self._fallback))
-        _stages.weight_decay(lane, steps, views)
-        _stages.momentum(lane, steps)
-        _stages.learning_rate(lane, steps)
-        _stages.averaging(lane, steps, views)
-        if self._distributor is None:
-            _stages.apply_updates(lane, views)
+
+    @property
+    def compile_config(self) -> Any:
+        """The ``ShampooPT2CompileConfig`` plain steps are compiled with (``None``: eager)."""
+        return self._stepper.config
+
+    @property
+    def compiled_steps(self) -> int:
+        """Lane steps run by a compiled graph so far (refreshes and warm-up steps are eager)."""
+        return self._stepper.compiled_steps
 
     # ---------------------------------------------------------------------- iterate averaging
 

@@ -224,3 +224,103 @@ def test_schedule_free_on_cuda_matches_cpu_without_syncs() -> None:
     assert any(not torch.equal(p, b) for p, b in zip(ours.parameters(), before))
     opt.train()
     assert all(torch.equal(p, b) for p, b in zip(ours.parameters(), before))
+
+
+def _draws(params: list[nn.Parameter], g: torch.Generator) -> list[torch.Tensor]:
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype) for p in params]
+
+
+def _opt_states(opt: Shampoo) -> dict[str, torch.Tensor]:
+    return {
+        f"{key}.{name}": tensor
+        for key, entries in opt.state_dict()["state"].items()
+        for name, tensor in entries.items()
+    }
+
+
+def test_plain_step_replays_as_a_cuda_graph() -> None:
+    """The plain step is capturable: its buffers are static, it allocates nothing it keeps and
+    never synchronises (capture would fail). Captured once, then replayed with new gradients
+    copied into the same ``.grad`` tensors and a learning rate changed in its CUDA tensor, it
+    matches the eager optimizer step for step. (A replay runs no host code: the group's host
+    step count stays at the capture's; the blocks' own step counts, on the device, advance.)"""
+    graphed, eager = _Params(torch.float32, "cuda"), _Params(torch.float32, "cuda")
+    rates = {id(m): torch.tensor(1e-2, device="cuda") for m in (graphed, eager)}
+    opts = {
+        id(m): Shampoo(m.parameters(), lr=rates[id(m)], precondition_frequency=FREQUENCY, momentum=0.5)
+        for m in (graphed, eager)
+    }
+    g = torch.Generator().manual_seed(1)
+    models = (graphed, eager)
+
+    def feed(draws: list[torch.Tensor], model: nn.Module) -> None:
+        for p, d in zip(model.parameters(), draws):
+            if p.grad is None:
+                p.grad = d.clone()
+            else:
+                p.grad.copy_(d)  # static gradient tensors: the graph reads these
+
+    for _ in range(FREQUENCY + 1):  # refreshes, then one plain step (it fills the caches)
+        draws = _draws(list(graphed.parameters()), g)
+        for model in models:
+            feed(draws, model)
+            opts[id(model)].step()
+    for opt in opts.values():  # every later step is a plain step
+        opt.param_groups[0]["precondition_frequency"] = 10**9
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks
+        draws = _draws(list(graphed.parameters()), g)
+        for model in models:
+            feed(draws, model)
+            opts[id(model)].step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opts[id(graphed)].step()
+    for step in range(6):
+        draws = _draws(list(graphed.parameters()), g)
+        feed(draws, graphed)
+        feed(draws, eager)
+        if step == 3:
+            for rate in rates.values():
+                rate.fill_(3e-3)
+        graph.replay()
+        opts[id(eager)].step()
+    torch.cuda.synchronize()
+    for a, b in zip(graphed.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    ours, reference = _opt_states(opts[id(graphed)]), _opt_states(opts[id(eager)])
+    for key, value in ours.items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-6, atol=1e-7, equal_nan=True, msg=key)
+
+
+@pytest.mark.slow
+def test_compiled_plain_steps_match_eager_and_never_synchronise() -> None:
+    """``shampoo_pt2_compile_config`` with inductor on the GPU: plain steps run compiled, agree
+    with eager within rounding and never synchronise with the host."""
+    pytest.importorskip("triton")
+    from lightning_shampoo import ShampooPT2CompileConfig
+
+    results = []
+    for config in (ShampooPT2CompileConfig(backend="inductor"), None):
+        model = _Params(torch.float32, "cuda")
+        opt = Shampoo(
+            model.parameters(), lr=1e-2, precondition_frequency=FREQUENCY, shampoo_pt2_compile_config=config
+        )
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 3 * FREQUENCY + 1):
+            for p, d in zip(model.parameters(), _draws(list(model.parameters()), g)):
+                p.grad = d
+            plain = step % FREQUENCY != 0 and step > FREQUENCY + 2  # past both phases' warm-up and compile
+            if plain:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        results.append((model, opt))
+    (compiled, opt), (eager, _) = results
+    assert opt.compiled_steps > 0
+    for a, b in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -125,7 +125,8 @@ def test_distributed_config_is_refused_naming_ours() -> None:
 
 
 def test_accepted_without_effect() -> None:
-    _same(_trajectory(use_pin_memory=True, shampoo_pt2_compile_config=object()), _trajectory())
+    # shampoo_pt2_compile_config now takes effect (tests/test_compile.py): it is no longer here.
+    _same(_trajectory(use_pin_memory=True), _trajectory())
     with pytest.raises(ValueError, match="use_pin_memory must be a bool"):
         Shampoo(_model().parameters(), use_pin_memory="yes")
 

@@ -2,12 +2,12 @@
 
 ``pack_into`` and ``unpack_into`` are one ``index_select`` each (into a preallocated output), so a
 kernel that keeps its factors packed pays one op per factor to rebuild a full matrix in a reused
-buffer. The index tensors are made once per ``(d, device)`` and shared process-wide.
+buffer. The index tensors are made once per ``(d, device)`` and shared process-wide (a plain
+dict, not ``functools.cache``: ``torch.compile`` reads a dict's entries but traces through a
+cache wrapper, rebuilding the indices inside the graph).
 """
 
 from __future__ import annotations
-
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -38,10 +38,20 @@ def unpacked_dim(size: int) -> int:
     return d
 
 
-@cache
+_INDICES: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+
 def _indices(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(upper, symmetric)``: flat positions of the upper triangle in a ``d×d`` matrix, and for
     each of the ``d²`` positions the packed index of its upper-triangle twin."""
+    key = (d, str(device))
+    found = _INDICES.get(key)
+    if found is None:
+        found = _INDICES[key] = _make_indices(d, device)
+    return found
+
+
+def _make_indices(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
     rows, cols = torch.triu_indices(d, d)
     upper = (rows * d + cols).to(device)
     packed = torch.empty(d, d, dtype=torch.int64)

@@ -283,12 +283,15 @@ class Preconditioner:
     ``1/(1 − β₁ᵗ)`` to the result (one multiply shared with the grafting scale) instead of
     materialising ``m / (1 − β₁ᵗ)``. ``keeps_first_moment``: the kernel keeps the β₁-filtered
     gradient itself (in its own basis), so the optimizer keeps none for its buckets.
+    ``compilable``: the plain-step methods depend on tensors only, never on the host step count
+    (``ctx.step``), so ``torch.compile`` traces them once (``ShampooPT2CompileConfig``).
     """
 
     kind: str = "identity"
     amortized: ClassVar[bool] = False
     linear: ClassVar[bool] = True
     keeps_first_moment: ClassVar[bool] = False
+    compilable: ClassVar[bool] = True
 
     def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
         self.config = config

@@ -139,6 +139,7 @@ class PSGDKronPreconditioner(Preconditioner):
     kind = "psgd_kron"
     amortized = False
     linear = False  # the RMS clip of the update
+    compilable = False  # whether Q is fitted is decided on the host from the step count
 
     def __init__(self, config: PreconditionerConfig, block_shape: tuple[int, ...], where: str) -> None:
         super().__init__(config, block_shape, where)
