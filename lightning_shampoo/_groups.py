@@ -10,12 +10,16 @@ and unnamed groups) and reconciles a replaced list with the groups the plan was 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["STRUCTURAL_KEYS", "name_params", "reconcile"]
+from .blocking import layout_param
+from .plan import GroupBlocks
+
+__all__ = ["STRUCTURAL_KEYS", "group_blocks", "name_params", "reconcile"]
 
 #: Group options that decide a group's blocks and kernels (``plan.GroupBlocks``): a replaced
 #: group dict must keep them.
@@ -105,3 +109,38 @@ def reconcile(
     extra = groups[len(held) :]
     del groups[len(held) :]
     return extra
+
+
+def group_blocks(g: int, group: Mapping[str, Any], names: Sequence[str], first_index: int) -> GroupBlocks:
+    """Param group ``g``'s blocks (``plan.GroupBlocks``): each non-empty parameter's layout, its
+    dtype and device, and the group's kernel options; its parameters get indices from
+    ``first_index`` on (the optimizer's flat parameter list)."""
+    target = group["target_parameter_dimensionality"]
+    config = group["preconditioner_config"]
+    layouts, dtypes, devices = [], [], []
+    for offset, (p, name) in enumerate(zip(group["params"], names)):
+        if p.numel() == 0:
+            continue
+        layouts.append(
+            layout_param(
+                first_index + offset,
+                name,
+                p.shape,
+                group["max_preconditioner_dim"],
+                merge=group["use_merge_dims"] and p.is_contiguous() and target != math.inf,
+                stacked=group["stacked"],
+                min_order=max(config.min_block_order, 1 if target == math.inf else int(target)),
+            )
+        )
+        dtypes.append(p.dtype)
+        devices.append(str(p.device))
+    return GroupBlocks(
+        index=g,
+        layouts=tuple(layouts),
+        dtypes=tuple(dtypes),
+        devices=tuple(devices),
+        preconditioner_config=config,
+        grafting_config=group["grafting_config"],
+        skip_preconditioning_rank_lt=group["skip_preconditioning_rank_lt"],
+        precondition_frequency=group["precondition_frequency"],
+    )

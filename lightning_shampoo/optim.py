@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,15 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _averaging_stage, _checkpoint, _foreign, _groups, _stages, compat
-from ._checks import clamp_epsilon_scale
+from . import _averaging_stage, _checkpoint, _controls, _foreign, _stages, compat
 from ._lane_step import LaneStepper
-from ._refresh import RefreshSchedule, refresh_lane, refresh_pending
-from ._validation import check_grad, validate_constructor_options, validate_group, validate_params
-from ._workspace import Lane, Workspace
-from .blocking import layout_param
+from ._planned import PlannedOptimizer
+from ._refresh import refresh_lane, refresh_pending
+from ._validation import check_grad, validate_constructor_options
+from ._workspace import Lane
 from .health import FALLBACK_CODES, BlockHealth, collect_health, factor_spectra
-from .plan import BlockPlan, Bucket, CostModel, GroupBlocks, build_plan
+from .plan import CostModel
 from .preconditioners import RootInvShampooPreconditionerConfig
 
 __all__ = ["FALLBACK_MODES", "Shampoo"]
@@ -56,7 +55,7 @@ def _full_precision_matmul():
             torch.set_float32_matmul_precision(previous)
 
 
-class Shampoo(torch.optim.Optimizer):
+class Shampoo(PlannedOptimizer):
     """Batched Shampoo / SOAP / KL-Shampoo / diagonal optimizer (see the package README).
 
     Param groups may override every argument below and also set ``stacked=True``: the leading
@@ -125,17 +124,6 @@ class Shampoo(torch.optim.Optimizer):
             use_bucketing, max_bucket_numel, shampoo_pt2_compile_config
         )
         self._stepper = LaneStepper(compile_config)
-        self._params: list[Tensor] = []
-        self._names: list[str] = []
-        self._groups: list[GroupBlocks] = []
-        self._use_bucketing = use_bucketing
-        self._max_bucket_numel = max_bucket_numel
-        self._plan: BlockPlan | None = None
-        self._schedule = RefreshSchedule(None)
-        self._rank = 0
-        self.sharded = False
-        self._distributor: Any = None
-        self._workspace: Workspace | None = None
         self._fallback: set[str] = set()  # host mirrors of per-block flags (no sync to read them)
         self._requests: set[str] = set()
         self._missed: set[str] = set()
@@ -146,10 +134,6 @@ class Shampoo(torch.optim.Optimizer):
         self.origin: str | None = None
         #: Set when ``load_state_dict`` took another optimizer's state (``_foreign``): what it did.
         self.resume_note: str | None = None
-        self._translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-        self._lookup: Mapping[int, str] = {}
-        self._held: list[dict[str, Any]] = []  # the group dicts the plan was built from
-        self._held_list: list[Any] | None = None  # the param_groups list they were read from
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, tuple | list) else betas,
@@ -183,186 +167,7 @@ class Shampoo(torch.optim.Optimizer):
                 distributed_config=distributed_config,
             )
         )
-        super().__init__(params, defaults)
-
-    # ----------------------------------------------------------------------------------- set-up
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``, named or not whatever the existing groups are (names are
-        made up from ``configure_new_groups``' lookup); missing keys come from ``defaults`` (the
-        builder's, see ``configure_new_groups``). The plan is extended: existing blocks keep their
-        bucket, owner and state."""
-        self._sync_groups()
-        if self._translate is not None and isinstance(param_group, Mapping):
-            param_group = self._translate(dict(param_group))
-        param_group = validate_params(param_group, self.defaults, self._params, self._names)
-        named = None if not self.param_groups else "param_names" in self.param_groups[0]
-        names = _groups.name_params(param_group, self._lookup, len(self._params), named)
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            validate_group(group)
-            self._groups.append(self._group_blocks(len(self.param_groups) - 1, group, names))
-            self._set_plan(self.build_plan(world_size=self._world_size(), owners=self._owners()), self._rank)
-            if self._distributor is not None:
-                from .distributed import check_same_plan
-
-                check_same_plan(self.plan, self._distributor.group)
-                self._distributor.replan(self._params, self.plan, self._decayed())
-        except Exception:
-            self.param_groups.pop()
-            del self._params[len(self._params) - len(group["params"]) :]
-            del self._names[len(self._names) - len(group["params"]) :]
-            if len(self._groups) > len(self.param_groups):
-                self._groups.pop()
-            raise
-        self._held.append(group)
-        self._held_list = self.param_groups
-
-    def configure_new_groups(
-        self,
-        defaults: Mapping[str, Any] | None = None,
-        translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        names: Mapping[int, str] | None = None,
-    ) -> None:
-        """How groups added later (``add_param_group``; fine-tuning callbacks) are completed:
-        missing keys from ``defaults`` (as torch fills them from the constructor's — here the
-        builder's, so a new group is set up like its siblings), a group first passed through
-        ``translate`` (the drop-in: a group in the wrapped optimizer's terms), and unnamed
-        parameters named from ``names`` (``id(param) -> name``)."""
-        if defaults is not None:
-            unknown = set(defaults) - set(self.defaults) - set(compat.DS_ONLY_KEYS)
-            if unknown:
-                raise ValueError(f"defaults: unknown Shampoo keys {sorted(unknown)}")
-            self.defaults.update(defaults)
-        self._translate = translate
-        if names is not None:
-            self._lookup = dict(names)
-
-    def _sync_groups(self) -> None:
-        """Follow an assigned or appended ``param_groups`` list (host checks; ``_groups``)."""
-        groups = self.param_groups
-        if groups is self._held_list and len(groups) == len(self._held):
-            return
-        added = _groups.reconcile(groups, self._held, list(self.defaults))
-        for group in groups:
-            validate_group(group)
-        self._held = list(groups)
-        self._held_list = groups
-        self._workspace = None
-        for group in added:
-            self.add_param_group(group)
-
-    def _decayed(self) -> set[int]:
-        return {i for g in self.param_groups if g["weight_decay"] != 0.0 for i in self._indices(g)}
-
-    def _group_blocks(self, g: int, group: dict[str, Any], names: list[str]) -> GroupBlocks:
-        target = group["target_parameter_dimensionality"]
-        config = group["preconditioner_config"]
-        layouts, dtypes, devices = [], [], []
-        for p, name in zip(group["params"], names):
-            index = len(self._params)
-            self._params.append(p)
-            self._names.append(name)
-            if p.numel() == 0:
-                continue
-            layouts.append(
-                layout_param(
-                    index,
-                    self._names[-1],
-                    p.shape,
-                    group["max_preconditioner_dim"],
-                    merge=group["use_merge_dims"] and p.is_contiguous() and target != math.inf,
-                    stacked=group["stacked"],
-                    min_order=max(config.min_block_order, 1 if target == math.inf else int(target)),
-                )
-            )
-            dtypes.append(p.dtype)
-            devices.append(str(p.device))
-        return GroupBlocks(
-            index=g,
-            layouts=tuple(layouts),
-            dtypes=tuple(dtypes),
-            devices=tuple(devices),
-            preconditioner_config=config,
-            grafting_config=group["grafting_config"],
-            skip_preconditioning_rank_lt=group["skip_preconditioning_rank_lt"],
-            precondition_frequency=group["precondition_frequency"],
-        )
-
-    def build_plan(
-        self,
-        world_size: int = 1,
-        cost_model: CostModel | None = None,
-        owners: Mapping[tuple[int, int], int] | None = None,
-    ) -> BlockPlan:
-        """The block plan of this optimizer's groups over ``world_size`` ranks (``owners`` keeps
-        earlier assignments). Pure: every rank builds the same one."""
-        return build_plan(
-            self._groups,
-            world_size=world_size,
-            bucketing=self._use_bucketing,
-            max_bucket_numel=self._max_bucket_numel,
-            cost_model=cost_model,
-            owners=owners,
-        )
-
-    def use_plan(self, plan: BlockPlan, rank: int = 0) -> None:
-        """Hold state for, and step, only ``rank``'s buckets of ``plan`` (existing state moves to
-        its new buckets; other ranks' blocks are dropped). ``shard()`` does this with a process
-        group; without a distributor, updates of other ranks' blocks are simply not applied,
-        which emulates a rank (tests) or leaves communication to the caller."""
-        saved = self.state_dict() if len(self.state) else None
-        self._set_plan(plan, rank)
-        self.state.clear()
-        self._workspace = None
-        if saved is not None:
-            self.load_state_dict(saved)
-
-    def _set_plan(self, plan: BlockPlan, rank: int) -> None:
-        self._plan, self._rank, self._workspace = plan, rank, None
-        self._schedule = RefreshSchedule(plan)  # staggered phases follow the plan (never stored)
-        self.sharded = plan.world_size > 1  # blocks are split across ranks (each holds its own)
-        if self._distributor is not None:
-            self._distributor.plan = plan
-
-    def _world_size(self) -> int:
-        return 1 if self._plan is None else self._plan.world_size
-
-    def _owners(self) -> dict[tuple[int, int], int] | None:
-        return None if self._plan is None or self._plan.world_size == 1 else dict(self._plan.ownership.owners)
-
-    @property
-    def plan(self) -> BlockPlan:
-        assert self._plan is not None, "an optimizer with no param group has no plan"
-        return self._plan
-
-    @property
-    def buckets(self) -> tuple[Bucket, ...]:
-        """The buckets this process holds state for (all of them unless sharded)."""
-        return () if self._plan is None else self._plan.local(self._rank)
-
-    @property
-    def distributor(self) -> Any:
-        """The distributor when sharded over a process group (``shard()``), else ``None``."""
-        return self._distributor
-
-    def block_keys(self) -> list[tuple[int, int]]:
-        """Every block of every parameter, ``(param_index, block_index)``, in a fixed order that is
-        the same on every rank (sharded or not)."""
-        return [] if self._plan is None else self._plan.block_keys()
-
-    def param_name(self, index: int) -> str:
-        return self._names[index]
-
-    def _ensure_workspace(self) -> Workspace:
-        """Allocate the declared state (on the parameters' devices, as torch.optim does, at the
-        first step or load) and the step's buffers; rebuilt only when stale (host checks)."""
-        ws = self._workspace
-        if ws is None or not ws.valid_for(self.state, self.param_groups):  # type: ignore[arg-type]
-            params = self._distributor.parameters() if self._distributor is not None else self._params
-            ws = self._workspace = Workspace(self.buckets, self.state, params, self.param_groups)  # type: ignore[arg-type]
-        return ws
+        super().__init__(params, defaults, use_bucketing=use_bucketing, max_bucket_numel=max_bucket_numel)
 
     # ------------------------------------------------------------------------------------- step
 
@@ -513,38 +318,23 @@ class Shampoo(torch.optim.Optimizer):
     # --------------------------------------------------------------------- block-level controls
 
     def _locate(self, blocks: Iterable[tuple[int, int]]) -> dict[str, list[int]]:
-        rows: dict[tuple[int, int], tuple[str, int]] = {}
-        for bucket in self.buckets:
-            for row, block_key in enumerate(bucket.rows()):
-                rows[block_key] = (bucket.key, row)
-        out: dict[str, list[int]] = {}
-        for param_index, block_index in blocks:
-            if (param_index, block_index) not in rows:
-                raise KeyError(f"no block ({param_index}, {block_index}) (param_index, block_index) here")
-            bucket_key, row = rows[(param_index, block_index)]
-            out.setdefault(bucket_key, []).append(row)
-        return out
+        self._ensure_workspace()
+        return _controls.locate(self.buckets, blocks)
 
     def set_fallback(self, blocks: Iterable[tuple[int, int]], mode: str | None) -> None:
         """Make blocks use ``"sgd"`` (the filtered gradient) or ``"grafting"`` instead of their
         preconditioner; ``None`` returns them to preconditioning. Statistics keep updating."""
         if mode not in FALLBACK_MODES:
             raise ValueError(f"mode must be one of {list(FALLBACK_MODES)}, got {mode!r}")
-        self._ensure_workspace()
-        for key, rows in self._locate(blocks).items():
-            self.state[key]["status"]["fallback"][rows] = FALLBACK_MODES[mode]  # type: ignore[index]
+        _controls.mark_fallback(self.state, self._locate(blocks), FALLBACK_MODES[mode])  # type: ignore[arg-type]
         self._sync_host_flags()
 
     def request_refresh(self, blocks: Iterable[tuple[int, int]], epsilon_scale: float | None = None) -> None:
         """Refresh these blocks at the next step (off schedule), optionally with a larger damping
         ``epsilon · epsilon_scale`` from then on."""
-        self._ensure_workspace()
-        for key, rows in self._locate(blocks).items():
-            status = self.state[key]["status"]  # type: ignore[index]
-            status["refresh_request"][rows] = True
-            if epsilon_scale is not None:
-                status["epsilon_scale"][rows] = clamp_epsilon_scale(epsilon_scale)
-            self._requests.add(key)
+        located = self._locate(blocks)
+        _controls.mark_refresh(self.state, located, epsilon_scale)  # type: ignore[arg-type]
+        self._requests.update(located)
 
     def refresh_phases(self, group: int = 0) -> dict[tuple[int, int], int]:
         """Each amortized block's refresh phase in param group ``group`` at its current
@@ -558,10 +348,7 @@ class Shampoo(torch.optim.Optimizer):
 
     def _sync_host_flags(self) -> None:
         """Read the per-block flags into their host mirrors (a device read: off the step)."""
-        held = [(b.key, self.state[b.key]["status"]) for b in self.buckets if b.key in self.state]  # type: ignore[index]
-        self._fallback = {k for k, s in held if bool(s["fallback"].any())}
-        self._requests = {k for k, s in held if bool(s["refresh_request"].any())}
-        self._missed = {k for k, s in held if bool(s["refresh_missed"].any())}
+        self._fallback, self._requests, self._missed = _controls.host_flags(self.buckets, self.state)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------ health and state
 
@@ -578,33 +365,21 @@ class Shampoo(torch.optim.Optimizer):
 
     def refresh_counts(self) -> tuple[int, int]:
         """Block refreshes done and skipped (by ``refresh_tolerance``) on this rank so far."""
-        done = skipped = 0
-        for bucket in self.buckets:
-            status = self.state.get(bucket.key, {}).get("status")  # type: ignore[call-overload]
-            if status is not None:
-                done += int(status["refreshes"].sum())
-                skipped += int(status["refreshes_skipped"].sum())
-        return done, skipped
+        return _controls.refresh_counts(self.buckets, self.state)  # type: ignore[arg-type]
 
     def block_state(self, key: tuple[int, int]) -> dict[str, Tensor]:
         """One block's state ``{"section.name": tensor}`` (views of its bucket rows)."""
-        self._ensure_workspace()
         ((bucket_key, (row,)),) = self._locate([key]).items()
-        return {
-            f"{section}.{name}": tensor[row]
-            for section, tensors in self.state[bucket_key].items()  # type: ignore[index]
-            for name, tensor in tensors.items()
-        }
+        return _controls.block_state(self.state, bucket_key, row)  # type: ignore[arg-type]
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds (every declared tensor, each counted once)."""
-        seen: dict[int, int] = {}
-        for sections in self.state.values():
-            for tensors in sections.values():
-                for tensor in tensors.values():
-                    base = tensor if tensor._base is None else tensor._base
-                    seen[id(base)] = base.numel() * base.element_size()
-        return sum(seen.values())
+        """Bytes of optimizer state this rank holds (every declared tensor, each counted once;
+        the step's reusable buffers are not state and not counted)."""
+        return sum(self.state_bytes_by_section().values())
+
+    def state_bytes_by_section(self) -> dict[str, int]:
+        """``state_bytes()`` per state section (``precond``, ``graft``, ``moments``, ``status``)."""
+        return _controls.state_bytes_by_section(self.state)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Any]:
         """Keyed by (parameter, block), independent of bucketing and of ranks; tensors and plain
@@ -705,7 +480,3 @@ class Shampoo(torch.optim.Optimizer):
         self._distributor = distributor
         self._workspace = None
         return distributor
-
-    def _indices(self, group: dict[str, Any]) -> list[int]:
-        ids = {id(p) for p in group["params"]}
-        return [i for i, p in enumerate(self._params) if id(p) in ids]
