@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._ema_rows import BETA1, BETA2, DIAGONAL, GRAFT, ema_table, ema_view
 from .blocking import ParamLayout, Region
 from .plan import Bucket
 from .preconditioners import Context, Preconditioner
-from .preconditioners.base import Ema, StateSpec, outer_operands, per_block
-from .preconditioners.diagonal import DiagonalPreconditioner
+from .preconditioners.base import StateSpec, outer_operands, per_block
 
 __all__ = [
     "SECTIONS",
@@ -50,8 +50,6 @@ __all__ = [
 SECTIONS = ("precond", "graft", "moments", "status")
 #: Rows of the lane's EMA table: β₁ (the filtered gradient), the group's β₂ (Kronecker factors,
 #: SOAP's second moment), the β₂ of a diagonal main kernel and of the grafting kernel.
-_BETA1, _BETA2, _DIAGONAL, _GRAFT = range(4)
-_ROWS = 4
 
 
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -281,36 +279,6 @@ def allocate_state(
     return out
 
 
-def _ema(table: dict[str, Tensor], row: int, beta: float, rows: slice) -> Ema:
-    return Ema(
-        beta=beta,
-        keep=table["keep"][row, rows],
-        weight=table["weight"][row, rows],
-        correction=table["correction"][row, rows],
-        root=table["root"][row, rows],
-    )
-
-
-def _diagonal_row(kernel: Preconditioner | None, corrected: bool) -> tuple[float, float, float]:
-    beta = kernel.beta2 if isinstance(kernel, DiagonalPreconditioner) else 1.0
-    if isinstance(kernel, DiagonalPreconditioner) and kernel.bias_corrected(corrected) and beta < 1.0:
-        return (beta, 0.0, 0.0)
-    return (beta, -math.inf, 0.0)
-
-
-def _bias_rows(bucket: Bucket, options: Mapping[str, Any]) -> list[tuple[float, float, float]]:
-    """Per EMA row: ``(β, log c, shift)`` such that the correction is ``1 − c·βᵗ⁻ˢʰⁱᶠᵗ``; a
-    row without bias correction gets ``c = 0`` (``log c = −inf``) and so correction 1."""
-    beta1, beta2 = options["betas"]
-    beta3 = beta1 if options["beta3"] < 0 else options["beta3"]
-    corrected = options["use_bias_correction"]
-    row1 = (beta1, -math.inf, 0.0)
-    if corrected and 0.0 < beta1 < 1.0 and beta3 > 0.0:
-        row1 = (beta1, math.log(beta3), 1.0)  # 1 − β₃·β₁ᵗ⁻¹
-    row2 = (beta2, 0.0, 0.0) if corrected and beta2 < 1.0 else (beta2, -math.inf, 0.0)
-    return [row1, row2, _diagonal_row(bucket.kernel, corrected), _diagonal_row(bucket.graft, corrected)]
-
-
 def _needs_scratch(bucket: Bucket, options: Mapping[str, Any]) -> bool:
     """Whether the bucket needs scratch rows of its own: the gradient buffer is busy for the
     whole step when it *is* the filtered gradient (β₁ = 0, or β₃ ≠ β₁ leaves the current value
@@ -385,7 +353,7 @@ def _build_lane(
     }
     for name in ("present", "alive", "ok", "flag"):
         vectors[name] = torch.zeros(total_rows, dtype=torch.bool, device=device)
-    table = _ema_table(buckets, groups, total_rows, dtype, device)
+    table = ema_table(buckets, groups, total_rows, dtype, device)
     slots: list[Slot] = []
     row = numel = extra_numel = 0
     for b in buckets:
@@ -410,9 +378,9 @@ def _build_lane(
             use_bias_correction=options["use_bias_correction"],
             live=vectors["alive_f"][rows],
             block_step=st["status"]["step"],
-            ema2=_ema(table, _BETA2, beta2, rows),
-            ema1=_ema(table, _BETA1, beta1, rows),
-            diagonal=_ema(table, _DIAGONAL, getattr(b.kernel, "beta2", 1.0), rows),
+            ema2=ema_view(table, BETA2, beta2, rows),
+            ema1=ema_view(table, BETA1, beta1, rows),
+            diagonal=ema_view(table, DIAGONAL, getattr(b.kernel, "beta2", 1.0), rows),
             epsilon_scale=st["status"]["epsilon_scale"],
             beta1=beta1 if beta3 == beta1 else None,
             beta3=beta3,
@@ -427,7 +395,7 @@ def _build_lane(
             like = grad_rows.view(m.param.shape) if whole else None
             out_rows = _rows(m.region, out, base)
             links.append(RegionLink(m.param, m.region, grad_rows, out_rows, row + m.offset, like))
-        graft_ctx = replace(ctx, diagonal=_ema(table, _GRAFT, getattr(b.graft, "beta2", 1.0), rows))
+        graft_ctx = replace(ctx, diagonal=ema_view(table, GRAFT, getattr(b.graft, "beta2", 1.0), rows))
         slots.append(Slot(b, st, ctx, graft_ctx, row, g, o, scratch, links))
         row += b.size
         numel += b.numel
@@ -474,50 +442,6 @@ def _view_operands(grad: Tensor, order: int) -> dict[int, tuple[Tensor, Tensor]]
         if left.untyped_storage().data_ptr() == storage and right.untyped_storage().data_ptr() == storage:
             out[i] = (left, right)
     return out
-
-
-def _ema_table(
-    buckets: Sequence[Bucket],
-    groups: Sequence[Mapping[str, Any]],
-    n: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> dict[str, Tensor]:
-    """Constants and per-step rows of the lane's EMAs (see ``_stages.ema_table``)."""
-    rows: list[list[tuple[float, float, float]]] = []
-    for b in buckets:
-        rows += [_bias_rows(b, groups[b.group])] * b.size
-    column = [[r[k] for r in rows] for k in range(_ROWS)]
-    beta = torch.tensor([[c[0] for c in col] for col in column], dtype=torch.float64, device=device).reshape(
-        _ROWS, n
-    )
-    log_c = torch.tensor([[c[1] for c in col] for col in column], dtype=torch.float64, device=device).reshape(
-        _ROWS, n
-    )
-    shift = torch.tensor([[c[2] for c in col] for col in column], dtype=torch.float64, device=device).reshape(
-        _ROWS, n
-    )
-    log_beta = torch.where(torch.isinf(log_c), 0.0, torch.log(beta.clamp_min(1e-300)))
-    correction = torch.ones(_ROWS, n, dtype=dtype, device=device)
-    # ``keep`` and ``weight`` are the two halves of one tensor so that one ``where`` sets both:
-    # ``(β, 1−β)`` on live blocks, ``(1, 0)`` on dead ones.
-    keep_weight = torch.stack([torch.ones(_ROWS, n), torch.zeros(_ROWS, n)]).to(dtype=dtype, device=device)
-    return {
-        "live_keep_weight": torch.stack([beta, 1.0 - beta]).to(dtype),
-        "dead_keep_weight": torch.tensor([1.0, 0.0], dtype=dtype, device=device).view(2, 1, 1),
-        "keep_weight": keep_weight,
-        "log_beta": log_beta,
-        # log(c·β^-shift); 1 − c·βᵗ⁻ˢ is computed as −expm1(t·log β + offset)
-        "offset": torch.where(torch.isinf(log_c), log_c, log_c - shift * log_beta),
-        "t": torch.zeros(n, dtype=torch.float64, device=device),
-        "power": torch.zeros(_ROWS, n, dtype=torch.float64, device=device),
-        "correction": correction,
-        "correction1": correction[_BETA1],
-        "keep": keep_weight[0],
-        "weight": keep_weight[1],
-        "root": torch.ones(_ROWS, n, dtype=dtype, device=device),
-        "inverse1": torch.ones(n, dtype=dtype, device=device),
-    }
 
 
 def _rows(region: Region, flat: Tensor, base: int) -> Tensor:
