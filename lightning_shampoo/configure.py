@@ -75,6 +75,7 @@ from .schedules import WarmupConstant, WarmupCosine, WarmupLinear
 
 __all__ = [
     "EPSILON_RTOL",
+    "FACTOR_RATIO",
     "PRESET_NAMES",
     "Preset",
     "configure_shampoo",
@@ -91,6 +92,9 @@ SHAMPOO_BETAS = (0.9, 0.95)
 #: (a 1e-7 input change then moves the parameters ~1e-5, not ~1e-2), below what cost the drop-in
 #: steps on the convergence suite (1e-4 did, on the CNN).
 EPSILON_RTOL = 3e-5
+#: ``max_factor_ratio`` of the presets and the drop-in: a block dim ``d`` with ``d² > ratio·numel``
+#: (more than ``ratio`` times the product of the block's other dims) gets no Kronecker factor.
+FACTOR_RATIO = 4.0
 _INVERTS_FACTORS = (RootInvShampooPreconditionerConfig, EigendecomposedShampooPreconditionerConfig)
 
 
@@ -126,6 +130,12 @@ class Preset:
     start_preconditioning_step: int | float = -1
     max_preconditioner_dim: int | float = 1024
     use_merge_dims: bool = True
+    # The lean rules (issue 12; ``factoring.py``): merge a conv kernel's trailing dims but never a
+    # matrix into a vector (one d₁d₂-long factor instead of a d₁ and a d₂ one), and no factor along
+    # a dim whose factor would be over ``max_factor_ratio`` times its block (a vocabulary side).
+    target_parameter_dimensionality: int | float = 2
+    max_factor_dim: int | float = math.inf
+    max_factor_ratio: float = FACTOR_RATIO
     adam_betas: tuple[float, float] = (0.9, 0.999)
     tie_beta1: bool = True  # the Adam side's β₁ follows ``betas[0]``
     adam_embeddings_and_head: bool = False
@@ -292,6 +302,9 @@ class _Layout:
             ),
             "max_preconditioner_dim": pick("max_preconditioner_dim", preset.max_preconditioner_dim),
             "use_merge_dims": preset.use_merge_dims,
+            "target_parameter_dimensionality": preset.target_parameter_dimensionality,
+            "max_factor_dim": preset.max_factor_dim,
+            "max_factor_ratio": preset.max_factor_ratio,
         }
         return {**opts, **self.kwargs}
 

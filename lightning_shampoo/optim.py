@@ -66,6 +66,10 @@ class Shampoo(torch.optim.Optimizer):
     default, as Distributed Shampoo) preconditions every parameter.
     ``target_parameter_dimensionality`` (Distributed Shampoo's): dims are merged only while more
     than this many remain (``math.inf``: never merged); 2 keeps a matrix a matrix.
+    ``max_factor_dim`` / ``max_factor_ratio``: a block dim larger than ``max_factor_dim``, or whose
+    factor would hold more than ``max_factor_ratio`` times the block's numbers (``d² > ratio·numel``:
+    a vocabulary side), gets no Kronecker factor — identity along it for Shampoo, the original
+    basis for SOAP (``factoring.py``); ``math.inf`` (the default, Distributed Shampoo's): every dim.
     ``use_torch_momentum``: momentum and dampening as ``torch.optim.SGD`` (the first step
     undamped) instead of Distributed Shampoo's zero-started buffer; they agree without dampening.
     Distributed Shampoo's newer names (``weight_decay_type``, ``iterate_averaging_config``,
@@ -98,6 +102,8 @@ class Shampoo(torch.optim.Optimizer):
         skip_preconditioning_rank_lt: int = 0,
         target_parameter_dimensionality: int | float = 1,
         use_torch_momentum: bool = False,
+        max_factor_dim: int | float = math.inf,
+        max_factor_ratio: float = math.inf,
         weight_decay_type: Any = None,
         iterate_averaging_config: Any = None,
         use_pin_memory: bool = False,
@@ -141,6 +147,8 @@ class Shampoo(torch.optim.Optimizer):
             skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
             target_parameter_dimensionality=target_parameter_dimensionality,
             use_torch_momentum=use_torch_momentum,
+            max_factor_dim=max_factor_dim,
+            max_factor_ratio=max_factor_ratio,
             stacked=False,
         )
         defaults.update(
@@ -206,6 +214,8 @@ class Shampoo(torch.optim.Optimizer):
             grafting_config=group["grafting_config"],
             skip_preconditioning_rank_lt=group["skip_preconditioning_rank_lt"],
             precondition_frequency=group["precondition_frequency"],
+            max_factor_dim=group["max_factor_dim"],
+            max_factor_ratio=group["max_factor_ratio"],
         )
 
     def build_plan(
@@ -444,14 +454,25 @@ class Shampoo(torch.optim.Optimizer):
         }
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds (every declared tensor, each counted once)."""
-        seen: dict[int, int] = {}
+        """Bytes of optimizer state this rank holds (every declared tensor, each counted once;
+        the step's reusable buffers are not state and not counted)."""
+        return sum(self.state_bytes_by_section().values())
+
+    def state_bytes_by_section(self) -> dict[str, int]:
+        """``state_bytes()`` per state section (``precond``, ``graft``, ``moments``, ``status``);
+        a storage shared by several entries (the per-block ``status`` vectors of a lane) counts
+        once, in the first section that holds it."""
+        seen: set[int] = set()
+        out: dict[str, int] = {}
         for sections in self.state.values():
-            for tensors in sections.values():
+            for section, tensors in sections.items():
                 for tensor in tensors.values():
                     base = tensor if tensor._base is None else tensor._base
-                    seen[id(base)] = base.numel() * base.element_size()
-        return sum(seen.values())
+                    out.setdefault(section, 0)
+                    if id(base) not in seen:
+                        seen.add(id(base))
+                        out[section] += base.numel() * base.element_size()
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Keyed by (parameter, block), independent of bucketing and of ranks; tensors and plain

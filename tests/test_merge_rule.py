@@ -1,0 +1,200 @@
+"""The lean block rules of the presets and the drop-in (issue 12): merge down to matrices only, and
+no Kronecker factor along a dim whose factor would dwarf its block (``factoring.py``)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_shampoo import (
+    EigenvalueCorrectedShampooPreconditionerConfig,
+    RootInvShampooPreconditionerConfig,
+    Shampoo,
+    ShampooCallback,
+    configure_shampoo,
+)
+from lightning_shampoo.configure import FACTOR_RATIO
+from lightning_shampoo.factoring import unfactored_dims, with_unfactored_dims
+
+
+def _layouts(optimizer: Shampoo) -> dict[str, tuple[int, ...]]:
+    return {layout.name: layout.processed_shape for g in optimizer.plan.groups for layout in g.layouts}
+
+
+def _factor_dims(optimizer: Shampoo) -> dict[str, set[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    out: dict[str, set] = {}
+    for bucket in optimizer.buckets:
+        for member in bucket.members:
+            out.setdefault(member.param.name, set()).add((bucket.block_shape, bucket.kernel.factor_dims))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shape", "max_dim", "ratio", "expected"),
+    [
+        ((1024, 128), math.inf, 4.0, (0,)),  # vocabulary side of an embedding block: 8x its block
+        ((128, 1024), math.inf, 4.0, (1,)),  # an output head's
+        ((16, 64), math.inf, 4.0, ()),  # 64² = 4·(16·64): not over the ratio
+        ((32, 144), math.inf, 4.0, (1,)),  # a merged [32, 16, 3, 3] conv kernel
+        ((512, 128), math.inf, 4.0, ()),
+        ((1024, 128), 512, math.inf, (0,)),  # the absolute threshold
+        ((1024, 1024), 512, math.inf, (1,)),  # every dim over it: the smallest (last) keeps its factor
+        ((2000, 3, 4), math.inf, 4.0, (0,)),
+        ((4096,), 16, 1.0, ()),  # vectors are the grafting config's business
+        ((1024, 128), math.inf, math.inf, ()),  # Distributed Shampoo's rule: every dim
+    ],
+)
+def test_unfactored_dims(shape, max_dim, ratio, expected):
+    assert unfactored_dims(shape, max_dim, ratio) == expected
+
+
+def test_config_rewrites_keep_other_exponents():
+    shampoo = RootInvShampooPreconditionerConfig(inverse_exponent_override={2: 0.5, 3: {1: 0.2}})
+    out = with_unfactored_dims(shampoo, (1024, 128), (0,))
+    assert out.inverse_exponent_override == {2: {0: 0.0, 1: 0.5}, 3: {1: 0.2}}
+    out3 = with_unfactored_dims(shampoo, (999, 8, 8), (0,))
+    assert out3.inverse_exponent_override[3] == {0: 0.0, 1: 0.2}
+    soap = EigenvalueCorrectedShampooPreconditionerConfig(ignored_basis_change_dims={2: [1]})
+    assert with_unfactored_dims(soap, (10, 10), (0,)).ignored_basis_change_dims[2] == (0, 1)
+    assert with_unfactored_dims(shampoo, (4, 4), ()) is shampoo
+
+
+class Autoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.down = nn.Linear(64, 16)  # weight [16, 64]
+        self.up = nn.Linear(16, 64)  # weight [64, 16]
+        self.conv = nn.Conv2d(16, 32, 3)  # weight [32, 16, 3, 3]
+
+
+def test_presets_merge_matrices_never_into_vectors():
+    model = Autoencoder()
+    raw = Shampoo(model.parameters(), max_preconditioner_dim=1024)  # Distributed Shampoo's rule
+    assert _layouts(raw)["param0"] == (1024,)
+    for preset in ("shampoo", "eigen", "kl_shampoo"):
+        opt = configure_shampoo(model, preset)
+        shapes = _layouts(opt)
+        assert shapes["down.weight"] == (16, 64)
+        assert shapes["up.weight"] == (64, 16)
+        assert shapes["conv.weight"] == (32, 144), "a conv kernel's trailing dims still merge"
+        dims = _factor_dims(opt)
+        assert dims["down.weight"] == {((16, 64), (0, 1))}
+        assert dims["conv.weight"] == {((32, 144), (0,))}, "144 > 4·32: no factor along in·k·k"
+    soap = configure_shampoo(model, "soap")
+    assert _layouts(soap)["conv.weight"] == (32, 16, 3, 3)  # SOAP keeps dims unmerged
+
+
+class WordLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(4096, 128)
+        self.hidden = nn.Linear(128, 512)
+        self.head = nn.Linear(128, 4096, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embed(tokens)))[..., :128])
+
+
+def _step(opt: torch.optim.Optimizer, model: nn.Module, steps: int = 3) -> None:
+    for i in range(steps):
+        torch.manual_seed(100 + i)
+        tokens = torch.randint(0, 4096, (4, 9))
+        opt.zero_grad()
+        logits = model(tokens[:, :-1])
+        nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("preset", ["shampoo", "soap"])
+def test_vocabulary_side_gets_no_factor(preset):
+    model = WordLM()
+    opt = configure_shampoo(model, preset, precondition_frequency=1)
+    _step(opt, model)
+    dims = _factor_dims(opt)
+    assert dims["embed.weight"] == {((1024, 128), (1,))}
+    assert dims["head.weight"] == {((1024, 128), (1,))}
+    assert dims["hidden.weight"] == {((512, 128), (0, 1))}
+    embed_bucket = next(b for b in opt.buckets if b.members[0].param.name == "embed.weight")
+    names = set(opt.state[embed_bucket.key]["precond"])
+    assert not any(n.endswith(".0") for n in names), names  # no 1024-side state at all
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_one_sided_shampoo_is_the_exponent_override_by_hand():
+    """The rule is Distributed Shampoo's ``inverse_exponent_override`` of 0, applied per shape."""
+    results = []
+    for options in (
+        {"max_factor_ratio": 4.0},
+        {
+            "preconditioner_config": RootInvShampooPreconditionerConfig(
+                inverse_exponent_override={2: {0: 0.0}}
+            )
+        },
+    ):
+        model = WordLM()
+        params = [model.embed.weight]
+        opt = Shampoo(params, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=1, **options)
+        model.hidden.requires_grad_(False)
+        model.head.requires_grad_(False)
+        _step(opt, model)
+        results.append(model.embed.weight.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_state_bytes_shrink_by_the_factor_memory():
+    model = WordLM()
+    sizes = {}
+    for ratio in (math.inf, 4.0):
+        opt = Shampoo([model.embed.weight], betas=(0.9, 0.95), max_factor_ratio=ratio)
+        model.embed.weight.grad = torch.randn_like(model.embed.weight)
+        opt.step()
+        sections = opt.state_bytes_by_section()
+        assert sum(sections.values()) == opt.state_bytes()
+        sizes[ratio] = sections["precond"]
+    # four [1024, 128] blocks lose a packed 1024² factor and its packed root (fp32)
+    assert sizes[math.inf] - sizes[4.0] == 4 * 2 * (1024 * 1025 // 2) * 4
+    assert sizes[4.0] == 4 * 2 * (128 * 129 // 2) * 4
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_factor_ratio", 0.5), ("max_factor_ratio", "4"), ("max_factor_dim", 0), ("max_factor_dim", 2.5)],
+)
+def test_rule_options_are_validated(key, value):
+    with pytest.raises(ValueError, match=key):
+        Shampoo([nn.Parameter(torch.zeros(3, 3))], **{key: value})
+    with pytest.raises(ValueError, match=key):
+        Shampoo([{"params": [nn.Parameter(torch.zeros(3, 3))], key: value}])
+
+
+def test_checkpoint_keeps_the_rule_and_refuses_another():
+    model = WordLM()
+    opt = configure_shampoo(model, "shampoo")
+    _step(opt, model, steps=2)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    again = configure_shampoo(model, "shampoo")
+    again.load_state_dict(saved)
+    key = (next(i for i, n in enumerate(opt._names) if n == "embed.weight"), 0)
+    assert set(again.block_state(key)) == set(opt.block_state(key))
+    other = configure_shampoo(model, "shampoo", max_factor_ratio=math.inf)
+    with pytest.raises(ValueError, match="max_factor_ratio"):
+        other.load_state_dict(saved)
+
+
+def test_drop_in_uses_the_lean_rules():
+    callback = ShampooCallback()
+    assert callback.options["target_parameter_dimensionality"] == 2
+    assert callback.options["max_factor_ratio"] == FACTOR_RATIO
+    model = WordLM()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = callback.translate(adamw, model)
+    assert _factor_dims(opt)["embed.weight"] == {((1024, 128), (1,))}
