@@ -95,6 +95,9 @@ EPSILON_RTOL = 3e-5
 #: ``max_factor_ratio`` of the presets and the drop-in: a block dim ``d`` with ``d² > ratio·numel``
 #: (more than ``ratio`` times the product of the block's other dims) gets no Kronecker factor.
 FACTOR_RATIO = 4.0
+#: SOAP's: each factor keeps its statistics packed and a full eigenbasis (1.5·d² numbers, Shampoo's
+#: 1·d²), so the same memory bound is reached at a smaller ratio.
+SOAP_FACTOR_RATIO = 3.0
 _INVERTS_FACTORS = (RootInvShampooPreconditionerConfig, EigendecomposedShampooPreconditionerConfig)
 
 
@@ -171,6 +174,7 @@ def _preset(name: str) -> Preset:
             epsilon=1e-8,
             graft=False,
             use_merge_dims=False,
+            max_factor_ratio=SOAP_FACTOR_RATIO,
             adam_betas=(0.95, 0.95),
         )
     if name == "psgd_kron":

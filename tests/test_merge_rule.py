@@ -17,7 +17,7 @@ from lightning_shampoo import (
     ShampooCallback,
     configure_shampoo,
 )
-from lightning_shampoo.configure import FACTOR_RATIO
+from lightning_shampoo.configure import FACTOR_RATIO, SOAP_FACTOR_RATIO
 from lightning_shampoo.factoring import unfactored_dims, with_unfactored_dims
 
 
@@ -111,15 +111,17 @@ def _step(opt: torch.optim.Optimizer, model: nn.Module, steps: int = 3) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("preset", ["shampoo", "soap"])
-def test_vocabulary_side_gets_no_factor(preset):
+@pytest.mark.parametrize(("preset", "hidden"), [("shampoo", (0, 1)), ("soap", (1,))])
+def test_vocabulary_side_gets_no_factor(preset, hidden):
+    """Shampoo's ratio is 4, SOAP's 3 (its factors keep a full eigenbasis beside the statistics):
+    a [512, 128] block keeps both factors under Shampoo, only the 128 one under SOAP."""
     model = WordLM()
     opt = configure_shampoo(model, preset, precondition_frequency=1)
     _step(opt, model)
     dims = _factor_dims(opt)
     assert dims["embed.weight"] == {((1024, 128), (1,))}
     assert dims["head.weight"] == {((1024, 128), (1,))}
-    assert dims["hidden.weight"] == {((512, 128), (0, 1))}
+    assert dims["hidden.weight"] == {((512, 128), hidden)}
     embed_bucket = next(b for b in opt.buckets if b.members[0].param.name == "embed.weight")
     names = set(opt.state[embed_bucket.key]["precond"])
     assert not any(n.endswith(".0") for n in names), names  # no 1024-side state at all
@@ -198,3 +200,4 @@ def test_drop_in_uses_the_lean_rules():
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt = callback.translate(adamw, model)
     assert _factor_dims(opt)["embed.weight"] == {((1024, 128), (1,))}
+    assert ShampooCallback("soap").options["max_factor_ratio"] == SOAP_FACTOR_RATIO
