@@ -14,9 +14,12 @@ param-group options say it once for every Kronecker family:
   times the product of the block's other dims).
 
 Both default to ``math.inf`` in ``Shampoo`` (Distributed Shampoo's behaviour); the presets and the
-drop-in switch the ratio on (``configure.py``). A dim without a factor is left as it is: identity
-along it for Shampoo (exponent 0; the other dims keep their exponents), the original basis along
-it for SOAP (``ignored_basis_change_dims``: Adam's diagonal second moment covers it). At least
+drop-in switch the ratio on (``configure.py``). A dim without a full factor is scaled per
+coordinate instead: Shampoo keeps the factor's diagonal (``diagonal_dims``, ``d`` numbers:
+``preconditioners/diagonal_factors.py``; the other dims keep their exponents), SOAP leaves the dim
+in the original basis (``ignored_basis_change_dims``), where its Adam-style second moment is
+per coordinate. (Identity along a dim, Distributed Shampoo's exponent 0, stays available through
+``inverse_exponent_override``; on the convergence suite it trained worse.) At least
 one dim always keeps its factor when the block has more than one: the rule never turns a matrix
 into a diagonal preconditioner (give it to Adam for that). Families without Kronecker factors, and
 PSGD-Kron (which has its own ``max_skew`` rule), are left unchanged.
@@ -56,18 +59,11 @@ def unfactored_dims(
     return tuple(drop)
 
 
-def _exponent_override(override: Mapping[int, Any], order: int, dims: Sequence[int]) -> dict[int, Any]:
-    """``override`` with exponent 0 on ``dims`` of ``order``-D blocks (other dims unchanged)."""
-    out = dict(override)
-    current = out.get(order)
-    if isinstance(current, Mapping):
-        per_dim = dict(current)
-    elif current is not None:  # one exponent for every dim of this order
-        per_dim = dict.fromkeys(range(order), float(current))
-    else:
-        per_dim = {}
-    per_dim.update(dict.fromkeys(dims, 0.0))
-    out[order] = per_dim
+def _add_dims(
+    mapping: Mapping[int, Sequence[int]], order: int, dims: Sequence[int]
+) -> dict[int, tuple[int, ...]]:
+    out = {k: tuple(v) for k, v in mapping.items()}
+    out[order] = tuple(sorted({*out.get(order, ()), *dims}))
     return out
 
 
@@ -79,12 +75,9 @@ def with_unfactored_dims(config: Any, block_shape: Sequence[int], dims: Sequence
     order = len(block_shape)
     family = getattr(config, "family", None)
     if family in ("shampoo", "eigen"):  # KL-Shampoo's config subclasses the eigendecomposed one
-        return replace(
-            config,
-            inverse_exponent_override=_exponent_override(config.inverse_exponent_override, order, dims),
-        )
+        return replace(config, diagonal_dims=_add_dims(config.diagonal_dims, order, dims))
     if family == "soap":
-        ignored = dict(config.ignored_basis_change_dims)
-        ignored[order] = tuple(sorted({*ignored.get(order, ()), *dims}))
-        return replace(config, ignored_basis_change_dims=ignored)
+        return replace(
+            config, ignored_basis_change_dims=_add_dims(config.ignored_basis_change_dims, order, dims)
+        )
     return config

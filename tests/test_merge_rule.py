@@ -52,12 +52,9 @@ def test_unfactored_dims(shape, max_dim, ratio, expected):
     assert unfactored_dims(shape, max_dim, ratio) == expected
 
 
-def test_config_rewrites_keep_other_exponents():
-    shampoo = RootInvShampooPreconditionerConfig(inverse_exponent_override={2: 0.5, 3: {1: 0.2}})
-    out = with_unfactored_dims(shampoo, (1024, 128), (0,))
-    assert out.inverse_exponent_override == {2: {0: 0.0, 1: 0.5}, 3: {1: 0.2}}
-    out3 = with_unfactored_dims(shampoo, (999, 8, 8), (0,))
-    assert out3.inverse_exponent_override[3] == {0: 0.0, 1: 0.2}
+def test_config_rewrites_add_dims():
+    shampoo = RootInvShampooPreconditionerConfig(diagonal_dims={2: [1], 3: [2]})
+    assert with_unfactored_dims(shampoo, (1024, 128), (0,)).diagonal_dims == {2: (0, 1), 3: (2,)}
     soap = EigenvalueCorrectedShampooPreconditionerConfig(ignored_basis_change_dims={2: [1]})
     assert with_unfactored_dims(soap, (10, 10), (0,)).ignored_basis_change_dims[2] == (0, 1)
     assert with_unfactored_dims(shampoo, (4, 4), ()) is shampoo
@@ -124,29 +121,56 @@ def test_vocabulary_side_gets_no_factor(preset, hidden):
     assert dims["hidden.weight"] == {((512, 128), hidden)}
     embed_bucket = next(b for b in opt.buckets if b.members[0].param.name == "embed.weight")
     names = set(opt.state[embed_bucket.key]["precond"])
-    assert not any(n.endswith(".0") for n in names), names  # no 1024-side state at all
+    assert not any(n.startswith(("factor.0", "root.0", "eigenvectors.0")) for n in names), names
+    if preset == "shampoo":  # the 1024 side keeps the factor's diagonal
+        assert opt.state[embed_bucket.key]["precond"]["diagonal.0"].shape[1:] == (1024,)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_one_sided_shampoo_is_the_exponent_override_by_hand():
-    """The rule is Distributed Shampoo's ``inverse_exponent_override`` of 0, applied per shape."""
+def test_one_sided_shampoo_is_diagonal_dims_by_hand():
+    """The rule is ``diagonal_dims`` applied per block shape."""
     results = []
     for options in (
         {"max_factor_ratio": 4.0},
-        {
-            "preconditioner_config": RootInvShampooPreconditionerConfig(
-                inverse_exponent_override={2: {0: 0.0}}
-            )
-        },
+        {"preconditioner_config": RootInvShampooPreconditionerConfig(diagonal_dims={2: [0]})},
     ):
         model = WordLM()
-        params = [model.embed.weight]
-        opt = Shampoo(params, lr=1e-2, betas=(0.9, 0.95), precondition_frequency=1, **options)
+        opt = Shampoo([model.embed.weight], lr=1e-2, betas=(0.9, 0.95), precondition_frequency=1, **options)
         model.hidden.requires_grad_(False)
         model.head.requires_grad_(False)
         _step(opt, model)
         results.append(model.embed.weight.detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+def test_diagonal_factor_is_the_full_factors_diagonal():
+    """A diagonal dim is preconditioned by ``(diag(L)/(1-β₂ᵗ) + ε)^(-α)``: on a block whose full
+    factor along that dim is diagonal (disjoint rows), diagonal and full Shampoo agree."""
+    torch.manual_seed(0)
+    grads = []
+    for _ in range(3):
+        g = torch.zeros(8, 4)
+        g[torch.randint(0, 8, (1,)).item()] = torch.randn(4)  # one row per step: L₀ stays diagonal
+        grads.append(g)
+    out = []
+    for config in (
+        RootInvShampooPreconditionerConfig(),
+        RootInvShampooPreconditionerConfig(diagonal_dims={2: [0]}),
+    ):
+        p = nn.Parameter(torch.zeros(8, 4))
+        opt = Shampoo(
+            [p],
+            lr=1.0,
+            betas=(0.0, 0.9),
+            epsilon=1e-6,
+            precondition_frequency=1,
+            preconditioner_config=config,
+        )
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        out.append(p.detach().clone())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
 
 
 def test_state_bytes_shrink_by_the_factor_memory():
@@ -159,9 +183,10 @@ def test_state_bytes_shrink_by_the_factor_memory():
         sections = opt.state_bytes_by_section()
         assert sum(sections.values()) == opt.state_bytes()
         sizes[ratio] = sections["precond"]
-    # four [1024, 128] blocks lose a packed 1024² factor and its packed root (fp32)
-    assert sizes[math.inf] - sizes[4.0] == 4 * 2 * (1024 * 1025 // 2) * 4
-    assert sizes[4.0] == 4 * 2 * (128 * 129 // 2) * 4
+    # four [1024, 128] blocks trade a packed 1024² factor and its packed root (fp32) for a
+    # 1024-long diagonal and its root
+    assert sizes[math.inf] - sizes[4.0] == 4 * 2 * (1024 * 1025 // 2 - 1024) * 4
+    assert sizes[4.0] == 4 * 2 * (128 * 129 // 2 + 1024) * 4
 
 
 @pytest.mark.parametrize(
