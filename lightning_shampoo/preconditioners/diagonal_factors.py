@@ -48,12 +48,12 @@ def accumulate_diagonals_(
     for i in dims:
         target = state[f"diagonal.{i}"]
         others = [d + 1 for d in range(grad.ndim - 1) if d != i]
-        energy = (
-            torch.linalg.vector_norm(grad, dim=others, dtype=target.dtype).square_()
-            if others
-            else grad.square()
-        )
-        ema_(target, energy, ctx.ema2)
+        if not others:  # a 1-D block's diagonal is its squared gradient
+            ema_(target, grad.square(), ctx.ema2)
+            continue
+        energy = ctx.buffer(("diagonal", i), tuple(target.shape), target.dtype, target.device)
+        torch.linalg.vector_norm(grad, dim=others, dtype=target.dtype, out=energy)
+        ema_(target, energy.square_(), ctx.ema2)
 
 
 def refresh_diagonals(
