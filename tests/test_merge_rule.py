@@ -81,7 +81,7 @@ def test_presets_merge_matrices_never_into_vectors():
         assert shapes["conv.weight"] == (32, 144), "a conv kernel's trailing dims still merge"
         dims = _factor_dims(opt)
         assert dims["down.weight"] == {((16, 64), (0, 1))}
-        assert dims["conv.weight"] == {((32, 144), (0,))}, "144 > 4·32: no factor along in·k·k"
+        assert dims["conv.weight"] == {((32, 144), (0, 1))}, "144 <= 5·32: both factors"
     soap = configure_shampoo(model, "soap")
     assert _layouts(soap)["conv.weight"] == (32, 16, 3, 3)  # SOAP keeps dims unmerged
 
@@ -110,7 +110,7 @@ def _step(opt: torch.optim.Optimizer, model: nn.Module, steps: int = 3) -> None:
 
 @pytest.mark.parametrize(("preset", "hidden"), [("shampoo", (0, 1)), ("soap", (1,))])
 def test_vocabulary_side_gets_no_factor(preset, hidden):
-    """Shampoo's ratio is 4, SOAP's 3 (its factors keep a full eigenbasis beside the statistics):
+    """Shampoo's ratio is 5, SOAP's 3 (its factors keep a full eigenbasis beside the statistics):
     a [512, 128] block keeps both factors under Shampoo, only the 128 one under SOAP."""
     model = WordLM()
     opt = configure_shampoo(model, preset, precondition_frequency=1)
