@@ -18,13 +18,20 @@ recipe as it was before the lean rules (``target_parameter_dimensionality=1``, e
 
     OMP_NUM_THREADS=1 python benchmarks/state_memory.py
     OMP_NUM_THREADS=1 python benchmarks/state_memory.py --models lm4096 --before --sections
+    OMP_NUM_THREADS=1 python benchmarks/state_memory.py --models word_lm --before --time
+
+``--time`` also times each optimizer's step (fixed random gradients; refreshes at their own
+frequency, every 10 steps for the presets): 3 rounds, each running ``TIME_STEPS`` steps of every
+optimizer in turn; the median round.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,7 @@ from _tasks import _LM, _autoencoder, _cnn, _mlp, _WordLM
 from lightning_shampoo import ShampooCallback, configure_shampoo
 
 STEPS = 12
+TIME_STEPS = 20
 PRESETS = ("shampoo", "eigen", "soap", "kl_shampoo", "psgd_kron")
 OPTIMIZERS = ("adamw", "callback", *PRESETS)
 #: The Shampoo-family recipes' layout before the lean rules (issue 12).
@@ -91,16 +99,33 @@ def measure(optimizer: torch.optim.Optimizer, module: nn.Module) -> tuple[int, d
     return storage_bytes(optimizer), {}
 
 
-def rows_for(model_name: str, names: list[str], before: bool) -> list[dict[str, Any]]:
+def _times(optimizers: list[torch.optim.Optimizer]) -> list[float]:
+    """Median (over 3 rounds) seconds per step of each optimizer, interleaved round by round."""
+    rounds: list[list[float]] = [[] for _ in optimizers]
+    for _ in range(3):
+        for spent, optimizer in zip(rounds, optimizers):
+            began = time.perf_counter()
+            for _ in range(TIME_STEPS):
+                optimizer.step()
+            spent.append((time.perf_counter() - began) / TIME_STEPS)
+    return [statistics.median(r) for r in rounds]
+
+
+def rows_for(model_name: str, names: list[str], before: bool, timed: bool = False) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     module = MODELS[model_name]()
     rows = []
     variants = [(n, False) for n in names]
     if before:
         variants += [(n, True) for n in names if n not in ("adamw", "psgd_kron")]
+    optimizers = []
     for name, old in variants:
-        total, sections = measure(make(name, module, old), module)
+        optimizers.append(make(name, module, old))
+        total, sections = measure(optimizers[-1], module)
         rows.append({"optimizer": name + (" (before)" if old else ""), "bytes": total, "sections": sections})
+    if timed:
+        for row, seconds in zip(rows, _times(optimizers)):
+            row["ms"] = 1e3 * seconds
     base = next(r["bytes"] for r in rows if r["optimizer"] == "adamw")
     params = sum(p.numel() for p in module.parameters())
     for row in rows:
@@ -113,8 +138,9 @@ def _mib(n: int) -> str:
 
 
 def table(rows: list[dict[str, Any]], sections: bool) -> str:
-    head = "| optimizer | state | ×AdamW |"
-    rule = "|---|---:|---:|"
+    timed = "ms" in rows[0]
+    head = "| optimizer | state | ×AdamW |" + (" ms/step |" if timed else "")
+    rule = "|---|---:|---:|" + ("---:|" if timed else "")
     if sections:
         head += " precond | graft | moments | status |"
         rule += "---:|---:|---:|---:|"
@@ -122,6 +148,8 @@ def table(rows: list[dict[str, Any]], sections: bool) -> str:
     for r in rows:
         mark = " ✓" if r["optimizer"] in TARGETS and r["ratio"] <= 3.5 else ""
         line = f"| {r['optimizer']} | {_mib(r['bytes'])} | {r['ratio']:.2f}×{mark} |"
+        if timed:
+            line += f" {r['ms']:.1f} |"
         if sections:
             parts = r["sections"]
             line += "".join(
@@ -140,6 +168,7 @@ def main() -> None:
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated (adamw always)")
     parser.add_argument("--before", action="store_true", help="also the recipes without the lean rules")
     parser.add_argument("--sections", action="store_true", help="bytes per state section")
+    parser.add_argument("--time", action="store_true", help="also ms per step (module docstring)")
     args = parser.parse_args()
     names = ["adamw", *(n for n in args.optimizers.split(",") if n and n != "adamw")]
     for n in names:
@@ -149,7 +178,7 @@ def main() -> None:
     for model_name in (m for m in args.models.split(",") if m):
         if model_name not in MODELS:
             raise SystemExit(f"unknown model {model_name!r}; choose from {list(MODELS)}")
-        rows = rows_for(model_name, names, args.before)
+        rows = rows_for(model_name, names, args.before, args.time)
         print(f"\n### {model_name} ({rows[0]['params'] / 1e6:.3g}M parameters)\n")
         print(table(rows, args.sections))
 
