@@ -39,6 +39,13 @@ AdamW's best or one half-decade above it):
                 every non-matrix parameter on Adam with betas (0.9, 0.95), as Muon practice does
 ==============  ============================================================================
 
+Block rules of every preset (and of ``ShampooCallback``; raw ``Shampoo`` keeps Distributed
+Shampoo's): dims merge only down to a matrix (``target_parameter_dimensionality=2``), and a block
+dim whose factor would hold over ``max_factor_ratio`` times the block's numbers (5; SOAP: 3) gets
+no full factor — Shampoo keeps its diagonal, SOAP its original basis (``factoring.py``). On the
+suite's models and a 4096-token LM this keeps the Shampoo and SOAP presets' state at 1.1–2.9×
+AdamW's (docs/benchmarks.md, "Optimizer state memory").
+
 Param groups: matrices and conv kernels (two or more dims of size > 1) get the preset's
 preconditioner and ``weight_decay``; biases, norm weights, scalars and matrices with a size-1 dim
 get Adam (``AdamPreconditionerConfig``) without weight decay; frozen parameters are skipped and
