@@ -347,7 +347,9 @@ def _group_buckets(
     out: list[Bucket] = []
     for (shape, dtype, *_), items in grouped.items():
         name = "x".join(map(str, shape)) or "scalar"
-        per_block = max([math.prod(shape), *(d * d for d in shape)])
+        # A dim the factor rule leaves unfactored has no d x d temporaries (``factoring.py``).
+        unfactored = unfactored_dims(shape, *group.factor_rule)
+        per_block = max([math.prod(shape), *(d * d for i, d in enumerate(shape) if i not in unfactored)])
         cap = max(1, max_numel // per_block) if max_numel else None
         config, graft = group.configs(items[0][0])
         for chunk in _chunks(items, cap):

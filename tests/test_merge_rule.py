@@ -226,3 +226,28 @@ def test_drop_in_uses_the_lean_rules():
     opt = callback.translate(adamw, model)
     assert _factor_dims(opt)["embed.weight"] == {((1024, 128), (1,))}
     assert ShampooCallback("soap").options["max_factor_ratio"] == SOAP_FACTOR_RATIO
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_one_sided_soap_rotation_matches_the_mode_product(dim):
+    """SOAP with one dim in the original basis rotates with one matmul (into ``out``, or through
+    the scratch when ``out`` is the input itself); the same as the generic mode product."""
+    from lightning_shampoo.preconditioners.base import Context, apply_along_dims
+    from lightning_shampoo.preconditioners.soap import SOAPPreconditioner
+
+    config = EigenvalueCorrectedShampooPreconditionerConfig(ignored_basis_change_dims={2: [dim]})
+    kernel = SOAPPreconditioner(config, (6, 5), "test")
+    state = kernel.init_state(3, torch.device("cpu"), torch.float32)
+    kept = 1 - dim
+    q, _ = torch.linalg.qr(torch.randn(3, kernel.block_shape[kept], kernel.block_shape[kept]))
+    state[f"eigenvectors.{kept}"].copy_(q)
+    ctx = Context.uniform(1, 0.9, 1e-8, True, torch.ones(3))
+    x = torch.randn(3, 6, 5)
+    for back in (False, True):
+        expected = apply_along_dims(x, {kept: q}, transpose=not back)
+        out, scratch = torch.empty_like(x), torch.empty_like(x)
+        kernel._rotate_into(x, state, ctx, out, scratch, back=back)
+        torch.testing.assert_close(out, expected)
+        inplace = x.clone()
+        kernel._rotate_into(inplace, state, ctx, inplace, scratch, back=back)
+        torch.testing.assert_close(inplace, expected)
