@@ -52,7 +52,8 @@ def accumulate_diagonals_(
             ema_(target, grad.square(), ctx.ema2)
             continue
         energy = ctx.buffer(("diagonal", i), tuple(target.shape), target.dtype, target.device)
-        torch.linalg.vector_norm(grad, dim=others, dtype=target.dtype, out=energy)
+        x = grad if grad.dtype == target.dtype else grad.to(target.dtype)  # an explicit factor dtype
+        torch.linalg.vector_norm(x, dim=others, out=energy)
         ema_(target, energy.square_(), ctx.ema2)
 
 
