@@ -13,6 +13,11 @@ every optimizer), the training batches come in a fixed order (a permutation per 
 * ``transformer`` — a byte-level, 2-layer pre-norm transformer language model on CPython's own
   standard-library sources (``*.py`` directly in the ``stdlib`` directory, sorted by name, the
   first 1 MB; the last 10% held out), i.e. text that ships with every Python.
+* ``word_lm`` — an embedding-heavy LM: a 1-layer transformer (d_model 64) over a 4096-token
+  vocabulary, so the embedding and the output head hold 88% of the parameters, on a synthetic
+  corpus (``zipf_corpus``: a sparse Markov chain with Zipf-distributed token frequencies; no
+  download, the same tokens on every machine). It is the suite's task whose blocks have a
+  vocabulary side (``[1024, 64]`` blocks: a 1024² factor is 16× its block).
 """
 
 from __future__ import annotations
@@ -243,9 +248,76 @@ def transformer_task(
     )
 
 
+# ---------------------------------------------------------------------------------- word LM
+
+WORD_VOCAB = 4096
+
+
+def zipf_corpus(tokens: int, vocab: int = WORD_VOCAB, seed: int = 0) -> Tensor:
+    """A deterministic synthetic token stream with a word-like distribution: unigram frequencies
+    ∝ 1/rank (Zipf), and a sparse Markov structure to learn — each token has 4 likely successors
+    (drawn from the Zipf law once per token) that follow it half of the time; otherwise the next
+    token is a fresh Zipf draw. The optimal loss is well below the unigram entropy."""
+    g = torch.Generator().manual_seed(seed)
+    zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    successors = torch.multinomial(zipf, 4 * vocab, replacement=True, generator=g).view(vocab, 4)
+    fresh = torch.multinomial(zipf, tokens, replacement=True, generator=g)
+    follow = torch.rand(tokens, generator=g) < 0.5
+    pick = torch.randint(0, 4, (tokens,), generator=g)
+    out = torch.empty(tokens, dtype=torch.long)
+    out[0] = fresh[0]
+    prev = int(out[0])
+    fresh_l, follow_l, pick_l, succ = fresh.tolist(), follow.tolist(), pick.tolist(), successors.tolist()
+    values = [prev]
+    for t in range(1, tokens):
+        prev = succ[prev][pick_l[t]] if follow_l[t] else fresh_l[t]
+        values.append(prev)
+    out[:] = torch.tensor(values)
+    return out
+
+
+class _WordLM(nn.Module):
+    def __init__(self, seq: int, d_model: int, vocab: int) -> None:
+        super().__init__()
+        self.lm = TinyTransformerLM(vocab=vocab, d_model=d_model, layers=1, heads=4, seq=seq)
+        nn.init.normal_(self.lm.pos, std=0.02)
+        nn.init.normal_(self.lm.embed.weight, std=0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.lm(tokens)
+
+
+def word_lm_task(steps: int = 400, seq: int = 32, d_model: int = 64, batch_size: int = 16) -> Task:
+    window = seq + 1
+    data = zipf_corpus(200_000)
+    split = math.floor(len(data) * 0.9)
+    train = data[: split - split % window].view(-1, window)
+    val = data[split : split + (len(data) - split) // window * window].view(-1, window)
+    g = torch.Generator().manual_seed(1)
+    train_eval = train[torch.randperm(len(train), generator=g)[:128]]
+    val_eval = val[torch.randperm(len(val), generator=g)[:128]]
+    return Task(
+        "word_lm",
+        f"word-level LM (1 layer, d {d_model}, 4 heads, context {seq}, vocabulary {WORD_VOCAB}), "
+        f"synthetic Zipf/Markov tokens, batch {batch_size}",
+        lambda: _WordLM(seq, d_model, WORD_VOCAB),
+        _next_token,
+        TensorDataset(train),
+        (train_eval,),
+        (val_eval,),
+        steps=steps,
+        batch_size=batch_size,
+        lrs=LR_GRID,
+        eval_every=20,
+        warmup=steps // 20,
+        notes={"corpus": "zipf_corpus(200000): 4096 tokens, Zipf unigrams, 4 successors per token"},
+    )
+
+
 TASKS: dict[str, Callable[[], Task]] = {
     "mlp": mlp_task,
     "cnn": cnn_task,
     "autoencoder": autoencoder_task,
     "transformer": transformer_task,
+    "word_lm": word_lm_task,
 }

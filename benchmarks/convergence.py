@@ -1,7 +1,8 @@
 """Convergence benchmark: steps and wall-clock to AdamW's loss, for every preset and the peers.
 
-Four small tasks (``_tasks.py``: an MLP and a CNN on scikit-learn's digits, a deep autoencoder on
-the digits, a byte-level transformer LM on the Python standard library's sources) run through
+Five small tasks (``_tasks.py``: an MLP and a CNN on scikit-learn's digits, a deep autoencoder on
+the digits, a byte-level transformer LM on the Python standard library's sources, and ``word_lm``,
+an embedding-heavy LM over a 4096-token synthetic corpus) run through
 Lightning on the CPU, the way users run them: the module returns AdamW (baseline), AdamW with
 ``Trainer(callbacks=[ShampooCallback()])`` (the drop-in), ``configure_shampoo(self, preset)`` for
 every preset, or a peer optimizer (``_optimizers.py``). Each optimizer gets the same 4-point

@@ -13,6 +13,7 @@ declared initial value (the step count from the group's).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -43,9 +44,16 @@ LAYOUT_KEYS = (
     "stacked",
     "skip_preconditioning_rank_lt",
     "target_parameter_dimensionality",
+    "max_factor_dim",
+    "max_factor_ratio",
 )
 #: What a checkpoint older than a layout key implies for it.
-_LAYOUT_DEFAULTS: dict[str, Any] = {"skip_preconditioning_rank_lt": 0, "target_parameter_dimensionality": 1}
+_LAYOUT_DEFAULTS: dict[str, Any] = {
+    "skip_preconditioning_rank_lt": 0,
+    "target_parameter_dimensionality": 1,
+    "max_factor_dim": math.inf,
+    "max_factor_ratio": math.inf,
+}
 #: Legacy ``opt.*`` entries that moved to the ``moments`` section.
 _MOMENTS = ("filtered_grad", "momentum_buffer")
 

@@ -31,6 +31,8 @@ STRUCTURAL_KEYS = (
     "target_parameter_dimensionality",
     "preconditioner_config",
     "grafting_config",
+    "max_factor_dim",
+    "max_factor_ratio",
 )
 
 
@@ -143,4 +145,6 @@ def group_blocks(g: int, group: Mapping[str, Any], names: Sequence[str], first_i
         grafting_config=group["grafting_config"],
         skip_preconditioning_rank_lt=group["skip_preconditioning_rank_lt"],
         precondition_frequency=group["precondition_frequency"],
+        max_factor_dim=group["max_factor_dim"],
+        max_factor_ratio=group["max_factor_ratio"],
     )

@@ -117,6 +117,8 @@ GROUP_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "refresh_tolerance": lambda n, v: require_float(n, v, low=0.0, allow_inf=True, allow_none=True),
     "skip_preconditioning_rank_lt": lambda n, v: require_int(n, v, low=0),
     "target_parameter_dimensionality": lambda n, v: require_int(n, v, low=1, allow_inf=True),
+    "max_factor_dim": lambda n, v: require_int(n, v, low=1, allow_inf=True),
+    "max_factor_ratio": lambda n, v: require_float(n, v, low=1.0, allow_inf=True),
     "use_bias_correction": require_bool,
     "use_decoupled_weight_decay": require_bool,
     "use_nesterov": require_bool,

@@ -50,6 +50,13 @@ object (``preconditioner=RootInvShampooPreconditionerConfig()``, or one with
 ``EigenConfig()``) keeps its refresh on every device. Every preset also staggers its refreshes
 (``refresh_stagger=True``: the same refreshes, spread over the interval).
 
+Block rules of every preset (and of ``ShampooCallback``; raw ``Shampoo`` keeps Distributed
+Shampoo's): dims merge only down to a matrix (``target_parameter_dimensionality=2``), and a block
+dim whose factor would hold over ``max_factor_ratio`` times the block's numbers (5; SOAP: 3) gets
+no full factor — Shampoo keeps its diagonal, SOAP its original basis (``factoring.py``). On the
+suite's models and a 4096-token LM this keeps the Shampoo and SOAP presets' state at 1.1–2.9×
+AdamW's (docs/benchmarks.md, "Optimizer state memory").
+
 Param groups: matrices and conv kernels (two or more dims of size > 1) get the preset's
 preconditioner and ``weight_decay``; biases, norm weights, scalars and matrices with a size-1 dim
 get Adam (``AdamPreconditionerConfig``) without weight decay; frozen parameters are skipped and
@@ -89,6 +96,7 @@ from .schedules import WarmupConstant, WarmupCosine, WarmupLinear
 
 __all__ = [
     "EPSILON_RTOL",
+    "FACTOR_RATIO",
     "PRESET_NAMES",
     "Preset",
     "configure_shampoo",
@@ -107,6 +115,18 @@ SHAMPOO_BETAS = (0.9, 0.95)
 #: (a 1e-7 input change then moves the parameters ~1e-5, not ~1e-2), below what cost the drop-in
 #: steps on the convergence suite (1e-4 did, on the CNN).
 EPSILON_RTOL = 3e-5
+#: ``max_factor_ratio`` of the Shampoo presets and the drop-in: a block dim ``d`` with
+#: ``d² > ratio·numel`` (more than ``ratio`` times the product of the block's other dims) keeps only
+#: its factor's diagonal. 5 from the convergence suite (docs/benchmarks.md, "Optimizer state
+#: memory"): it drops the vocabulary sides of embeddings and heads (ratio 8-16 there) and the CNN's
+#: [64, 512] layer, and keeps the CNN's [32, 144] conv kernel whole (at 4 it lost it: steps to
+#: AdamW's loss 0.62x -> 0.93x).
+FACTOR_RATIO = 5.0
+#: SOAP's: each factor keeps its statistics packed and a full eigenbasis (1.5·d² numbers, Shampoo's
+#: d²), so the same memory bound comes at a smaller ratio; any value in [3, 4) gives the suite's
+#: models the same blocks (the byte-level transformer's [256, 64] blocks lose the 256 side: state
+#: 3.86x -> 1.77x AdamW's).
+SOAP_FACTOR_RATIO = 3.0
 _INVERTS_FACTORS = (RootInvShampooPreconditionerConfig, EigendecomposedShampooPreconditionerConfig)
 
 
@@ -176,6 +196,12 @@ class Preset:
     start_preconditioning_step: int | float = -1
     max_preconditioner_dim: int | float = 1024
     use_merge_dims: bool = True
+    # The lean rules (issue 12; ``factoring.py``): merge a conv kernel's trailing dims but never a
+    # matrix into a vector (one d₁d₂-long factor instead of a d₁ and a d₂ one), and no factor along
+    # a dim whose factor would be over ``max_factor_ratio`` times its block (a vocabulary side).
+    target_parameter_dimensionality: int | float = 2
+    max_factor_dim: int | float = math.inf
+    max_factor_ratio: float = FACTOR_RATIO
     adam_betas: tuple[float, float] = (0.9, 0.999)
     tie_beta1: bool = True  # the Adam side's β₁ follows ``betas[0]``
     adam_embeddings_and_head: bool = False
@@ -211,6 +237,7 @@ def _preset(name: str) -> Preset:
             epsilon=1e-8,
             graft=False,
             use_merge_dims=False,
+            max_factor_ratio=SOAP_FACTOR_RATIO,
             adam_betas=(0.95, 0.95),
         )
     if name == "psgd_kron":
@@ -343,6 +370,9 @@ class _Layout:
             "max_preconditioner_dim": pick("max_preconditioner_dim", preset.max_preconditioner_dim),
             "use_merge_dims": preset.use_merge_dims,
             "refresh_stagger": True,  # the same refreshes, spread over the interval
+            "target_parameter_dimensionality": preset.target_parameter_dimensionality,
+            "max_factor_dim": preset.max_factor_dim,
+            "max_factor_ratio": preset.max_factor_ratio,
         }
         return {**opts, **self.kwargs}
 

@@ -69,6 +69,10 @@ class Shampoo(PlannedOptimizer):
     default, as Distributed Shampoo) preconditions every parameter.
     ``target_parameter_dimensionality`` (Distributed Shampoo's): dims are merged only while more
     than this many remain (``math.inf``: never merged); 2 keeps a matrix a matrix.
+    ``max_factor_dim`` / ``max_factor_ratio``: a block dim larger than ``max_factor_dim``, or whose
+    factor would hold more than ``max_factor_ratio`` times the block's numbers (``d² > ratio·numel``:
+    a vocabulary side), gets no Kronecker factor — identity along it for Shampoo, the original
+    basis for SOAP (``factoring.py``); ``math.inf`` (the default, Distributed Shampoo's): every dim.
     ``use_torch_momentum``: momentum and dampening as ``torch.optim.SGD`` (the first step
     undamped) instead of Distributed Shampoo's zero-started buffer; they agree without dampening.
     ``shampoo_pt2_compile_config`` (a ``ShampooPT2CompileConfig``, as Distributed Shampoo's):
@@ -114,6 +118,8 @@ class Shampoo(PlannedOptimizer):
         target_parameter_dimensionality: int | float = 1,
         use_torch_momentum: bool = False,
         refresh_stagger: bool = False,
+        max_factor_dim: int | float = math.inf,
+        max_factor_ratio: float = math.inf,
         weight_decay_type: Any = None,
         iterate_averaging_config: Any = None,
         use_pin_memory: bool = False,
@@ -156,6 +162,8 @@ class Shampoo(PlannedOptimizer):
             target_parameter_dimensionality=target_parameter_dimensionality,
             use_torch_momentum=use_torch_momentum,
             refresh_stagger=refresh_stagger,
+            max_factor_dim=max_factor_dim,
+            max_factor_ratio=max_factor_ratio,
             stacked=False,
         )
         defaults.update(

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .blocking import ParamLayout, Region
+from .factoring import unfactored_dims, with_unfactored_dims
 from .preconditioners import Preconditioner, make_preconditioner
 
 __all__ = [
@@ -130,6 +131,13 @@ class GroupBlocks:
     grafting_config: Any
     skip_preconditioning_rank_lt: int = 0
     precondition_frequency: int = 1
+    max_factor_dim: float = math.inf
+    max_factor_ratio: float = math.inf
+
+    @property
+    def factor_rule(self) -> tuple[float, float]:
+        """``(max_factor_dim, max_factor_ratio)``: which block dims get no factor (``factoring``)."""
+        return (self.max_factor_dim, self.max_factor_ratio)
 
     def skips(self, layout: ParamLayout) -> bool:
         """``skip_preconditioning_rank_lt`` leaves this parameter to its grafting config alone."""
@@ -230,6 +238,7 @@ class BlockPlan:
                 b.block_shape,
                 str(b.dtype),
                 b.kernel.kind,
+                b.kernel.factor_dims,
                 b.graft is not None,
                 b.rows(),
             )
@@ -249,10 +258,17 @@ class BlockPlan:
 
 
 def _kernel(
-    cache: dict[Any, Preconditioner], config: Any, shape: tuple[int, ...], where: str
+    cache: dict[Any, Preconditioner],
+    config: Any,
+    shape: tuple[int, ...],
+    where: str,
+    rule: tuple[float, float] = (math.inf, math.inf),
 ) -> Preconditioner:
-    key = (id(config), shape)
+    """The kernel of ``config`` over ``shape`` blocks, with no factor along the dims ``rule``
+    (``max_factor_dim``, ``max_factor_ratio``) leaves out (``factoring.py``)."""
+    key = (id(config), shape, rule)
     if key not in cache:
+        config = with_unfactored_dims(config, shape, unfactored_dims(shape, *rule))
         cache[key] = make_preconditioner(config, shape, where)
     return cache[key]
 
@@ -263,7 +279,8 @@ def _costs(groups: Sequence[GroupBlocks], model: CostModel, kernels: dict[Any, P
         for layout in group.layouts:
             config, _ = group.configs(layout)
             for block, shape in sorted(layout.block_shapes().items()):
-                dims = tuple(_kernel(kernels, config, shape, layout.name).factor_dims)
+                kernel = _kernel(kernels, config, shape, layout.name, group.factor_rule)
+                dims = tuple(kernel.factor_dims)
                 costs[(layout.index, block)] = float(model(shape, dims, group.precondition_frequency))
     return costs
 
@@ -336,7 +353,9 @@ def _group_buckets(
     out: list[Bucket] = []
     for (shape, dtype, *_), items in grouped.items():
         name = "x".join(map(str, shape)) or "scalar"
-        per_block = max([math.prod(shape), *(d * d for d in shape)])
+        # A dim the factor rule leaves unfactored has no d x d temporaries (``factoring.py``).
+        unfactored = unfactored_dims(shape, *group.factor_rule)
+        per_block = max([math.prod(shape), *(d * d for i, d in enumerate(shape) if i not in unfactored)])
         cap = max(1, max_numel // per_block) if max_numel else None
         config, graft = group.configs(items[0][0])
         for chunk in _chunks(items, cap):
@@ -345,6 +364,7 @@ def _group_buckets(
                 members.append(BucketMember(layout, region, offset))
                 offset += region.count
             where = "parameter(s) " + ", ".join(dict.fromkeys(m.param.name for m in members))
+            kernel = _kernel(kernels, config, shape, where, group.factor_rule)
             out.append(
                 Bucket(
                     key=f"{prefix}g{group.index}.b{len(out)}.{name}",
@@ -353,9 +373,9 @@ def _group_buckets(
                     block_shape=shape,
                     dtype=dtype,
                     members=tuple(members),
-                    config=config,
+                    config=kernel.config,
                     graft_config=graft,
-                    kernel=_kernel(kernels, config, shape, where),
+                    kernel=kernel,
                     graft=None if graft is None else _kernel(kernels, graft, shape, where),
                 )
             )

@@ -167,6 +167,9 @@ class ShampooCallback(pl.Callback):
             "max_preconditioner_dim": pick(max_preconditioner_dim, self.preset.max_preconditioner_dim),
             "epsilon": pick(epsilon, self.preset.epsilon),
             "use_merge_dims": self.preset.use_merge_dims,
+            "target_parameter_dimensionality": self.preset.target_parameter_dimensionality,
+            "max_factor_dim": self.preset.max_factor_dim,
+            "max_factor_ratio": self.preset.max_factor_ratio,
             # Biases and norm scales get the wrapped optimizer's own update, as configure_shampoo
             # gives them Adam: a Kronecker factor of a vector is one d x d matrix (6-19% of the
             # transformer's step time in the convergence suite) for no measured gain.

@@ -61,6 +61,7 @@ from .base import (
     resolve_exponent,
     store_symmetric_,
 )
+from .diagonal_factors import accumulate_diagonals_, apply_diagonals_, diagonal_schema, refresh_diagonals
 
 __all__ = [
     "EigendecomposedShampooPreconditionerConfig",
@@ -82,6 +83,23 @@ def _damping(ctx: Context, largest: Tensor, epsilon_rtol: float) -> Tensor | flo
 def is_dim(value: Any, order: int) -> bool:
     """Whether ``value`` is a dim of an ``order``-D block (0-D blocks have dim 0)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < max(order, 1)
+
+
+def check_dims_map(name: str, value: Any) -> None:
+    """``{order: [distinct dims of that order]}`` (``ignored_basis_change_dims``, ``diagonal_dims``)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping {{order: [dims]}}, got {describe(value)}")
+    for order, dims in value.items():
+        require_int(f"{name} keys (tensor orders)", order, low=0)
+        if not (
+            isinstance(dims, Sequence)
+            and not isinstance(dims, str)
+            and all(is_dim(d, order) for d in dims)
+            and len(set(dims)) == len(dims)
+        ):
+            raise ValueError(
+                f"{name}[{order}]={dims!r} is not a set of distinct dims of an order-{order} block"
+            )
 
 
 def check_exponent_override(override: Any, *, per_dim: bool = True, positive: bool = False) -> None:
@@ -111,6 +129,10 @@ class _ShampooFamilyConfig(PreconditionerConfig, TraceScalingOptions):
     (``precision="64-true"``), where float32 state would throw the precision away. An explicit
     dtype is used as given, as in Distributed Shampoo.
 
+    ``diagonal_dims``: ``{order: [dims]}`` whose factor is kept as its diagonal only (``d``
+    numbers, not ``d²``; ``diagonal_factors.py``), with the exponent the full factor would have.
+    The presets' ``max_factor_ratio`` rule puts oversized dims here (``factoring.py``).
+
     ``use_symmetric_packing`` (Distributed Shampoo's, on by default there and here): factors and
     cached roots, being symmetric, are stored as their upper triangle (``d(d+1)/2`` numbers
     instead of ``d²``: half their memory); each step then rebuilds the full matrices it uses in
@@ -121,10 +143,12 @@ class _ShampooFamilyConfig(PreconditionerConfig, TraceScalingOptions):
     inverse_exponent_override: Mapping[int, float | Mapping[int, float]] = field(default_factory=dict)
     factor_matrix_dtype: torch.dtype | None = None
     use_symmetric_packing: bool = True
+    diagonal_dims: Mapping[int, Sequence[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_exponent_override(self.inverse_exponent_override)
+        check_dims_map("diagonal_dims", self.diagonal_dims)
         check_optional_dtype("factor_matrix_dtype", self.factor_matrix_dtype)
         require_bool("use_symmetric_packing", self.use_symmetric_packing)
 
@@ -206,7 +230,9 @@ class ShampooPreconditioner(Preconditioner):
             i: resolve_exponent(config.inverse_exponent_override, self.order, i, default)
             for i in range(self.order)
         }
-        self.exponents = {i: a for i, a in exponents.items() if a > 0.0}
+        diagonal = set(config.diagonal_dims.get(self.order, ()))
+        self.diagonal = {i: a for i, a in exponents.items() if a > 0.0 and i in diagonal}
+        self.exponents = {i: a for i, a in exponents.items() if a > 0.0 and i not in diagonal}
         amortized = getattr(config, "amortized_computation_config", None)
         if isinstance(amortized, CoupledNewtonConfig):
             for i, a in self.exponents.items():
@@ -247,7 +273,7 @@ class ShampooPreconditioner(Preconditioner):
                 schema[f"eigenvalues.{i}"] = StateSpec((d,), edtype)
             elif options.get("refresh_tolerance") is not None:  # drift() compares with it
                 schema[f"reference.{i}"] = StateSpec(symmetric, fdtype)
-        return schema
+        return {**schema, **diagonal_schema(self.block_shape, self.diagonal, fdtype, vdtype)}
 
     def full(self, state: dict[str, Tensor], name: str, ctx: Context | None = None) -> Tensor:
         """The symmetric state ``name`` (``factor.i``, ``root.i``, ``reference.i``) as ``[n, d, d]``:
@@ -266,6 +292,7 @@ class ShampooPreconditioner(Preconditioner):
             factor = state[f"factor.{i}"]
             x = self.transform_grad_for_outer_product(state, grad, i, ctx).to(factor.dtype)
             accumulate_outer_(factor, x, i, ctx.ema2, ctx)
+        accumulate_diagonals_(state, grad, self.diagonal, ctx)
 
     @classmethod
     def update_many(cls, jobs: Sequence[tuple[Preconditioner, dict[str, Tensor], Tensor, Context]]) -> None:
@@ -276,6 +303,9 @@ class ShampooPreconditioner(Preconditioner):
             if type(kernel) is not ShampooPreconditioner:  # KL-Shampoo transforms G per factor
                 kernel.update(state, grad, ctx)
         accumulate_factors_many(plain)
+        for kernel, state, grad, ctx in jobs:
+            if type(kernel) is ShampooPreconditioner and kernel.diagonal:
+                accumulate_diagonals_(state, grad, kernel.diagonal, ctx)
 
     def _eigen_refresh(
         self, state: dict[str, Tensor], i: int, matrix: Tensor, ctx: Context, eps: float | Tensor
@@ -340,16 +370,22 @@ class ShampooPreconditioner(Preconditioner):
             if f"reference.{i}" in state:  # snapshot for drift(); see there
                 store_symmetric_(state[f"reference.{i}"], bias_corrected, commit & ~failed)
             block_failed |= failed & commit
+        refresh_diagonals(state, self.diagonal, ctx, ctx.epsilon, rtol, commit)
         return RefreshResult(block_failed, tuple(stats))
 
     def precondition(self, state: dict[str, Tensor], grad: Tensor, ctx: Context) -> Tensor:
-        return apply_along_dims(grad, {i: self.full(state, f"root.{i}") for i in self.factor_dims})
+        out = apply_along_dims(grad, {i: self.full(state, f"root.{i}") for i in self.factor_dims})
+        if self.diagonal:
+            out = out.clone() if out is grad else out
+            apply_diagonals_(out, state, self.diagonal)
+        return out
 
     def precondition_into(
         self, state: dict[str, Tensor], grad: Tensor, ctx: Context, out: Tensor, scratch: Tensor
     ) -> None:
         roots = {i: self.full(state, f"root.{i}", ctx) for i in self.factor_dims}
         precondition_kronecker_into(grad, roots, out, scratch)
+        apply_diagonals_(out, state, self.diagonal)
 
     def drift(self, state: dict[str, Tensor], ctx: Context) -> Tensor | None:
         """Eigendecomposed: off-diagonal mass of each factor in its stored eigenbasis. Root-inverse

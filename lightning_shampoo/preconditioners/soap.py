@@ -240,6 +240,20 @@ class SOAPPreconditioner(Preconditioner):
                 torch.matmul(ctx.view(("basisT", 0), lambda: left.mT), x, out=scratch)
                 torch.matmul(scratch, right, out=out)
             return
+        single = left if right is None else (right if left is None else None)
+        if x.ndim == 3 and single is not None and single.dtype == x.dtype:
+            # One-sided (a dim left in the original basis, ``factoring.py``): one matmul.
+            target = scratch if out.data_ptr() == x.data_ptr() else out
+            if left is not None:
+                matrix = left if back else ctx.view(("basisT", 0), lambda: left.mT)
+                torch.matmul(matrix, x, out=target)
+            else:
+                assert right is not None
+                matrix = ctx.view(("basisT", 1), lambda: right.mT) if back else right
+                torch.matmul(x, matrix, out=target)
+            if target is not out:
+                out.copy_(target)
+            return
         out.copy_(apply_along_dims(x, bases, transpose=not back))
 
     def update_after_refresh(
