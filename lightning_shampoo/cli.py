@@ -45,8 +45,8 @@ def _demo_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-preconditioner-dim",
         type=int,
-        default=256,
-        help="Shampoo's block size (default: %(default)s; ShampooCallback's own default is 1024)",
+        default=None,
+        help="Shampoo's block size (default: ShampooCallback's, 256)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser

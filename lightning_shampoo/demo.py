@@ -6,13 +6,10 @@ handwritten digits (1797 8×8 images that ship inside scikit-learn; no download)
 the module does not change. Both are importable for the LightningCLI (``examples/*.yaml``).
 
 The demo times both runs in one process (``WallClock``: everything from the start of ``fit``) and
-reports each one's time to AdamW's final validation loss. Its one Shampoo setting,
-``max_preconditioner_dim=256`` (the library's default is 1024; ``--max-preconditioner-dim``),
-is the blocking knob a user turns when refreshes dominate: a refresh's eigendecomposition grows as
-``d³``, and at 1024 the CNN's 64×512 layer has a 512-wide factor and its 64×10 head is merged
-(Distributed Shampoo's dim merging) into one 640-long vector with a 640×640 factor — on 2 CPU
-cores those refreshes made Shampoo's steps 2.2-4.5x AdamW's, and its time to AdamW's loss
-1.4-2.4x AdamW's although it needs 0.45x the steps (docs/benchmarks.md, "make demo").
+reports each one's time to AdamW's final validation loss. Shampoo runs at ``ShampooCallback()``'s
+defaults (``--max-preconditioner-dim`` changes its block size, 256 by default: at 1024 the CNN's
+64×512 layer is one block whose 512-wide factor the memory rule drops, which cost 0.73× AdamW's
+steps instead of 0.45×; docs/benchmarks.md, "make demo").
 """
 
 from __future__ import annotations
@@ -377,13 +374,9 @@ def comparison_table(runs: dict[str, RunResult], title: str = "Shampoo (ShampooC
     return table
 
 
-#: The demo's blocking (see the module docstring); ``ShampooCallback``'s default is 1024.
-DEMO_MAX_PRECONDITIONER_DIM = 256
-
-
-def _shampoo_callback(max_preconditioner_dim: int | float = DEMO_MAX_PRECONDITIONER_DIM) -> pl.Callback:
-    """The drop-in with its defaults but ``max_preconditioner_dim``, logging health every 10
-    steps (the trainer's cadence)."""
+def _shampoo_callback(max_preconditioner_dim: int | float | None = None) -> pl.Callback:
+    """The drop-in at its defaults (``max_preconditioner_dim``: ``None`` keeps its own), logging
+    health every 10 steps (the trainer's cadence)."""
     from .callbacks.health import PreconditionerHealthMonitor
     from .callbacks.shampoo import ShampooCallback
 
@@ -428,7 +421,7 @@ def run_demo(
     limit_train_batches: int | float | None = None,
     progress: bool = True,
     shampoo_callbacks: Sequence[pl.Callback] | None = None,
-    max_preconditioner_dim: int | float = DEMO_MAX_PRECONDITIONER_DIM,
+    max_preconditioner_dim: int | float | None = None,
 ) -> DemoResult:
     """Train the same module with AdamW and with ``ShampooCallback(max_preconditioner_dim=...)``
     (or ``shampoo_callbacks``); print the comparison and the health table, write TensorBoard/CSV
@@ -462,7 +455,10 @@ def run_demo(
     _plot(runs, plot)
     title = "Shampoo (ShampooCallback)"
     if shampoo_callbacks is None:
-        title = f"Shampoo (ShampooCallback(max_preconditioner_dim={max_preconditioner_dim:g}))"
+        setting = (
+            "" if max_preconditioner_dim is None else f"max_preconditioner_dim={max_preconditioner_dim:g}"
+        )
+        title = f"Shampoo (ShampooCallback({setting}))"
     console.print(comparison_table(runs, title))
     tensorboard = out / "tensorboard"
     console.print(f"logs: {tensorboard} (tensorboard --logdir {tensorboard}), {out / 'csv'}; plot: {plot}")

@@ -104,7 +104,7 @@ def test_default_groups() -> None:
     assert isinstance(matrix["preconditioner_config"], RootInvShampooPreconditionerConfig)
     assert matrix["grafting_config"] == AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
     assert matrix["betas"] == (0.9, 0.95) and matrix["epsilon"] == 1e-12  # factor EMA β 0.95
-    assert matrix["precondition_frequency"] == 10 and matrix["max_preconditioner_dim"] == 1024
+    assert matrix["precondition_frequency"] == 10 and matrix["max_preconditioner_dim"] == 256
     assert diagonal["preconditioner_config"] == AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
     assert diagonal["grafting_config"] is None and diagonal["betas"] == (0.9, 0.999)
     assert matrix["use_decoupled_weight_decay"] is True

@@ -111,9 +111,10 @@ def _step(opt: torch.optim.Optimizer, model: nn.Module, steps: int = 3) -> None:
 @pytest.mark.parametrize(("preset", "hidden"), [("shampoo", (0, 1)), ("soap", (1,))])
 def test_vocabulary_side_gets_no_factor(preset, hidden):
     """Shampoo's ratio is 5, SOAP's 3 (its factors keep a full eigenbasis beside the statistics):
-    a [512, 128] block keeps both factors under Shampoo, only the 128 one under SOAP."""
+    a [512, 128] block keeps both factors under Shampoo, only the 128 one under SOAP. (Blocks of
+    1024 here: the ``shampoo`` preset's own 256 keeps both factors of a [256, 128] block.)"""
     model = WordLM()
-    opt = configure_shampoo(model, preset, precondition_frequency=1)
+    opt = configure_shampoo(model, preset, precondition_frequency=1, max_preconditioner_dim=1024)
     _step(opt, model)
     dims = _factor_dims(opt)
     assert dims["embed.weight"] == {((1024, 128), (1,))}
@@ -224,7 +225,12 @@ def test_drop_in_uses_the_lean_rules():
     model = WordLM()
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt = callback.translate(adamw, model)
-    assert _factor_dims(opt)["embed.weight"] == {((1024, 128), (1,))}
+    # Its 256-wide blocks keep both factors (256² ≤ 5·256·128) ...
+    assert _factor_dims(opt)["embed.weight"] == {((256, 128), (0, 1))}
+    # ... and at 1024 the vocabulary side gets none.
+    wide_callback = ShampooCallback(max_preconditioner_dim=1024)
+    wide = wide_callback.translate(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
+    assert _factor_dims(wide)["embed.weight"] == {((1024, 128), (1,))}
     assert ShampooCallback("soap").options["max_factor_ratio"] == SOAP_FACTOR_RATIO
 
 
