@@ -131,6 +131,7 @@ def group_blocks(g: int, group: Mapping[str, Any], names: Sequence[str], first_i
                 group["max_preconditioner_dim"],
                 merge=group["use_merge_dims"] and p.is_contiguous() and target != math.inf,
                 stacked=group["stacked"],
+                squeeze=target != math.inf,  # Distributed Shampoo keeps size-1 dims then
                 min_order=max(config.min_block_order, 1 if target == math.inf else int(target)),
             )
         )

@@ -234,6 +234,18 @@ def test_size_one_dims(shape, max_dim, merge, squeeze, expected) -> None:
     assert processed_shape(shape, max_dim, merge=merge, squeeze=squeeze) == expected
 
 
+@pytest.mark.parametrize(("target", "block"), [(1, (16,)), (2, (16,)), (math.inf, (1, 16))])
+def test_the_optimizer_keeps_size_one_dims_only_at_target_inf(target, block) -> None:
+    """Wired through ``Shampoo``: at ``target_parameter_dimensionality=math.inf`` a [1, 16] weight
+    is one [1, 16] block with a factor per dim (exponent 1/4 each, Distributed Shampoo's), not a
+    squeezed 16-vector with exponent 1/2 (the conformance script's "1x16 weight" row)."""
+    weight = torch.nn.Parameter(torch.randn(1, 16, dtype=F64))
+    opt = Shampoo([weight], target_parameter_dimensionality=target)
+    (bucket,) = opt.buckets
+    assert bucket.block_shape == block
+    assert bucket.kernel.exponents == ({0: 0.25, 1: 0.25} if len(block) == 2 else {0: 0.5})
+
+
 # ----------------------------------------------------------------------------------------- QR
 
 
